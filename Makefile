@@ -1,0 +1,30 @@
+# One command each, from a fresh clone: `make run` (the tiny pipeline), `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= 1
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+# torch first (CPU build on CPU hosts), then DeepSpeed built against it without build
+# isolation (an isolated build would fetch another torch), then the project.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q --no-build-isolation "deepspeed==0.19.8"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+run: setup
+	$(VENV)/bin/alignflow run configs/tiny.yaml --summary-out .alignflow/summary.json
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf .alignflow

@@ -1,0 +1,1 @@
+"""Prefect flows: the pipeline as a reader would draw it."""

@@ -1,0 +1,96 @@
+"""The nightly alignment run.
+
+    data_prep -> sft -> reward_model -> evaluate(sft)
+              -> rounds of: generate(policy r) -> score -> update (GRPO) = policy r+1
+              -> evaluate(policy) -> register the policy in MLflow
+
+Every stage is a retriable task that skips itself when its output already exists, so a
+retry (from the Prefect UI or by hand) redoes only what failed and what follows it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.context import get_run_context
+
+from stages.common.config import load_config
+from tasks import tracking as mlf
+from tasks.stage import StageResult, configured
+
+
+@task(task_run_name="register-policy")
+def register_policy(cfg, tracking: mlf.Tracking, policy: StageResult, lineage: dict[str, str]):
+    return mlf.register_policy(cfg, tracking, policy.artifact, lineage)
+
+
+@flow(name="alignment")
+def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
+              debug: dict | None = None) -> dict:
+    """`debug`: fault injection for tests, {stage label: {"fail_once_marker": URI}}."""
+    started = time.time()
+    logger = get_run_logger()
+    cfg = load_config(config_path)
+    rounds = cfg.rl.rounds if rounds is None else rounds
+    flow_run = get_run_context().flow_run
+    tracking = mlf.start_pipeline_run(cfg, str(flow_run.id), flow_run.name, rounds)
+    stage = configured(cfg)
+    debug = debug or {}
+
+    def run(name, inputs, round_idx=None, label=""):
+        return stage(name, cfg, inputs, tracking, round_idx=round_idx, label=label,
+                     debug=debug.get(f"{name}{label}"))
+
+    try:
+        data = run("data_prep", {})
+        sft = run("sft", {"data": data})
+        reward_model = run("reward_model", {"data": data, "sft": sft})
+        sft_eval = run("evaluate", {"policy": sft, "data": data, "reward_model": reward_model}, label="[sft]")
+
+        policy, history = sft, [sft, data, reward_model, sft_eval]
+        for r in range(rounds):
+            rollouts = run("generate", {"policy": policy, "data": data}, r, f"[{r}]")
+            scored = run("score", {"rollouts": rollouts, "reference": sft, "reward_model": reward_model,
+                                   "data": data}, r, f"[{r}]")
+            policy = run("update", {"policy": policy, "scored": scored}, r, f"[{r}]")
+            history += [rollouts, scored, policy]
+
+        policy_eval = run("evaluate", {"policy": policy, "data": data, "reward_model": reward_model},
+                          label="[policy]")
+        history.append(policy_eval)
+        model_name, version = register_policy(cfg, tracking, policy, lineage={
+            "pipeline": cfg.pipeline, "config_digest": cfg.digest(), "data_digest": data.artifact.digest,
+            "policy_key": policy.artifact.manifest["key"], "sft_key": sft.artifact.manifest["key"],
+            "reward_model_key": reward_model.artifact.manifest["key"], "rounds": str(rounds),
+            "eval_accuracy": str(policy_eval.metrics["accuracy"]),
+        })
+    except BaseException:
+        mlf.end_run(tracking, tracking.parent_run_id, "FAILED")
+        raise
+
+    summary = {
+        "pipeline": cfg.pipeline,
+        "rounds": rounds,
+        "sft_accuracy": sft_eval.metrics["accuracy"],
+        "policy_accuracy": policy_eval.metrics["accuracy"],
+        "eval_prompts": policy_eval.metrics["num_prompts"],
+        "sft_mean_reward": sft_eval.metrics["mean_reward"],
+        "policy_mean_reward": policy_eval.metrics["mean_reward"],
+        "reward_model_eval_accuracy": reward_model.metrics["eval_accuracy"],
+        "policy_checkpoint_uri": policy.uri + "/checkpoint",
+        "mlflow_tracking_uri": tracking.uri,
+        "mlflow_run_id": tracking.parent_run_id,
+        "registered_model": model_name,
+        "model_version": version,
+        "stages_launched": sum(r.launched for r in history),
+        "stages_skipped": sum(not r.launched for r in history),
+        "stage_compute_seconds": round(sum(r.metrics.get("stage_seconds", 0.0) for r in history if r.launched), 2),
+        "wall_seconds": round(time.time() - started, 2),
+    }
+    mlf.log_metrics(tracking, tracking.parent_run_id,
+                    {k: v for k, v in summary.items() if k.endswith(("accuracy", "reward", "seconds"))})
+    mlf.end_run(tracking, tracking.parent_run_id, "FINISHED")
+    logger.info("policy accuracy %.4f (sft %.4f) on %d held-out prompts; %s v%s",
+                summary["policy_accuracy"], summary["sft_accuracy"], summary["eval_prompts"], model_name, version)
+    return summary

@@ -1,0 +1,1 @@
+"""Shared compute code for the stages."""

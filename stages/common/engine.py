@@ -1,0 +1,74 @@
+"""DeepSpeed engine setup shared by the training stages (sft, reward_model, update).
+
+One path for CPU and GPU: ZeRO stage from the config, torch's AdamW as the client
+optimizer (DeepSpeed's compiled CPU Adam costs minutes to build and is no faster),
+gloo + fp32 on CPU, NCCL + bf16 on GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def linear_warmup(optimizer, warmup_steps: int, total_steps: int | None):
+    """Linear warmup, then linear decay to 10% of the peak (constant if total_steps is None)."""
+
+    def scale(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if total_steps is None:
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.1, 1.0 - 0.9 * progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+
+
+def make_engine(model, engine_cfg: dict, *, lr: float, micro_batch: int, grad_accum: int = 1,
+                weight_decay: float = 0.0, warmup_steps: int = 0, total_steps: int | None = None,
+                device: torch.device | None = None):
+    """Wrap `model` in a DeepSpeed engine; returns (engine, optimizer, scheduler)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    device = device or torch.device("cpu")
+    dtype = resolve_dtype(engine_cfg["dtype"], device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    scheduler = linear_warmup(optimizer, warmup_steps, total_steps)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": engine_cfg["gradient_clipping"],
+        "zero_optimization": {"stage": engine_cfg["zero_stage"]},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if not torch.distributed.is_initialized():  # single process: DeepSpeed still wants a group
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, optimizer, scheduler
+
+
+@contextlib.contextmanager
+def full_parameters(engine):
+    """Full (gathered) weights of the wrapped model: needed to save under ZeRO-3."""
+    import deepspeed
+
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            yield engine.module
+    else:
+        yield engine.module

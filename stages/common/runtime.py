@@ -1,0 +1,241 @@
+"""What every stage job shares: its spec, ranks, inputs, outputs, metrics and exit codes.
+
+A stage is `python -m stages.<name> --spec URI` under torchrun. It reads only its spec,
+downloads its inputs (hash-checked), uploads its outputs, and rank 0 writes the manifest
+last. Exit codes: 0 done; 2 bad input/config or a deterministic failure (not retried);
+anything else is retried by the task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import store
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+# torchrun turns any worker failure into exit 1, so the stage also prints this marker.
+BAD_INPUT_MARKER = "ALIGNFLOW_BAD_INPUT"
+
+
+class BadInput(Exception):
+    """Deterministic failure (bad config, missing column, empty data, divergence): exit 2."""
+
+
+@dataclass
+class StageSpec:
+    stage: str
+    key: str
+    pipeline: str
+    inputs: dict[str, str]  # name -> artifact URI
+    output: str
+    params: dict
+    code_version: str
+    storage_options: dict = field(default_factory=dict)
+    tracking: dict = field(default_factory=dict)  # {"uri": ..., "run_id": ...}
+    # Fault injection for tests: {"fail_once_marker": URI} fails the job while the marker exists.
+    debug: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StageSpec":
+        return cls(**data)
+
+
+class StageContext:
+    """Ranks, inputs, outputs and tracking for one stage job."""
+
+    def __init__(self, spec: StageSpec):
+        self.spec = spec
+        self.params = spec.params
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"alignflow-{spec.stage}-r{self.rank}-"))
+        self._files: list[store.FileEntry] = []
+        self._artifacts: dict[str, store.Artifact] = {}
+        self._metric_buffer: list[tuple[str, float, int]] = []
+        self._mlflow = None
+        self.device = self._init_distributed()
+
+    # --- distributed -------------------------------------------------------------------
+    def _init_distributed(self):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            device = torch.device("cuda", self.local_rank)
+        else:
+            device = torch.device("cpu")
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_gather(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return [sum(col) for col in zip(*self.all_gather(list(values)))]
+
+    def shard(self, n: int) -> range:
+        """This rank's contiguous slice of n items (the same split on every rank)."""
+        per = math.ceil(n / self.world_size)
+        return range(min(n, self.rank * per), min(n, (self.rank + 1) * per))
+
+    # --- inputs -----------------------------------------------------------------------
+    def input(self, name: str) -> store.Artifact:
+        if name not in self._artifacts:
+            if name not in self.spec.inputs:
+                raise BadInput(f"stage {self.spec.stage}: spec has no input named {name!r}")
+            self._artifacts[name] = store.read_artifact(self.spec.inputs[name], self.spec.storage_options)
+        return self._artifacts[name]
+
+    def fetch(self, name: str, relpath: str) -> Path:
+        return store.download(self.input(name), relpath, self.workdir / "in" / name, self.spec.storage_options)
+
+    def fetch_dir(self, name: str, prefix: str) -> Path:
+        return store.download_dir(self.input(name), prefix, self.workdir / "in" / name, self.spec.storage_options)
+
+    # --- outputs ----------------------------------------------------------------------
+    def out_path(self, relpath: str) -> Path:
+        """A local path to write an output file to, before `save`."""
+        p = self.workdir / "out" / relpath
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def save(self, relpath: str) -> None:
+        """Upload a file written at `out_path(relpath)`; any rank may save its own files."""
+        self._files.append(store.upload(self.out_path(relpath), self.spec.output, relpath, self.spec.storage_options))
+
+    def save_dir(self, prefix: str) -> None:
+        self._files += store.upload_dir(self.out_path(prefix), self.spec.output, prefix, self.spec.storage_options)
+
+    # --- tracking ---------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Buffered; rank 0 only (other ranks reduce first)."""
+        if not self.is_main or not self.spec.tracking.get("run_id"):
+            return
+        self._metric_buffer += [(k, float(v), step) for k, v in metrics.items()]
+        if len(self._metric_buffer) >= 200:
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        if not self._metric_buffer:
+            return
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        if self._mlflow is None:
+            self._mlflow = MlflowClient(self.spec.tracking["uri"])
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, s) for k, v, s in self._metric_buffer if math.isfinite(v)]
+        for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 metrics
+            self._mlflow.log_batch(self.spec.tracking["run_id"], metrics=metrics[i : i + 900])
+        self._metric_buffer.clear()
+
+    # --- completion -------------------------------------------------------------------
+    def commit(self, metrics: dict) -> None:
+        """Gather every rank's files; rank 0 writes the manifest last."""
+        for k, v in metrics.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise BadInput(f"stage {self.spec.stage}: metric {k} is {v}; no manifest written")
+        files = [f for part in self.all_gather(self._files) for f in part]
+        if self.is_main:
+            self.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            self.flush_metrics()
+            inputs = {n: {"uri": a.uri, "digest": a.digest} for n, a in self._artifacts.items()}
+            for name, uri in self.spec.inputs.items():
+                inputs.setdefault(name, {"uri": uri, "digest": store.read_artifact(uri, self.spec.storage_options).digest})
+            store.write_manifest(
+                self.spec.output,
+                stage=self.spec.stage,
+                key=self.spec.key,
+                inputs=inputs,
+                files=files,
+                params=self.spec.params,
+                code=self.spec.code_version,
+                metrics=metrics,
+                storage_options=self.spec.storage_options,
+            )
+        self.barrier()
+
+
+def log(msg: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    stamp = dt.datetime.now().strftime("%H:%M:%S")
+    print(f"[{stamp} rank{rank}] {msg}", flush=True)
+
+
+def _maybe_inject_fault(spec: StageSpec) -> None:
+    marker = spec.debug.get("fail_once_marker")
+    if not marker:
+        return
+    fs, path = store.filesystem(marker, spec.storage_options)
+    if fs.exists(path):
+        if int(os.environ.get("RANK", 0)) == 0:
+            fs.rm(path)
+        raise RuntimeError(f"injected fault (marker {marker})")
+
+
+def main(run: Callable[[StageContext], dict]) -> None:
+    """Entry point of every stage module: `main(run)` under `if __name__ == "__main__"`."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True, help="URI of the stage spec JSON")
+    args = parser.parse_args()
+    try:
+        raw = store.read_json(args.spec, json.loads(os.environ.get("ALIGNFLOW_STORAGE_OPTIONS", "{}")))
+        spec = StageSpec.from_json(raw)
+    except Exception as err:  # an unreadable spec is bad input, not a transient fault
+        print(f"{BAD_INPUT_MARKER}: cannot read stage spec {args.spec}: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+    try:
+        _maybe_inject_fault(spec)
+        ctx = StageContext(spec)
+        started = time.time()
+        metrics = run(ctx)
+        metrics["stage_seconds"] = round(time.time() - started, 3)
+        ctx.commit(metrics)
+        if ctx.is_main:
+            log(f"{spec.stage} done: {json.dumps(metrics, default=str)[:500]}")
+    except (BadInput, store.ArtifactError) as err:
+        print(f"{BAD_INPUT_MARKER}: {spec.stage}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.exit(1)
+    # Done and committed: skip the interpreter's slow teardown of torch/transformers/gloo.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_OK)

@@ -1,0 +1,64 @@
+"""evaluate: held-out accuracy of a policy, greedy decoding, checked by the verifier.
+
+Inputs   policy (checkpoint/), data (eval.parquet), reward_model (checkpoint/)
+Output   predictions/part-{rank}.parquet   prompt_id, prompt, answer, response, correct, rm_reward
+Metrics  accuracy, mean_reward (reward model), num_prompts
+
+Greedy decoding makes the figure deterministic for a given checkpoint and thread count;
+it is the metric the promotion gate compares.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from stages.common import runtime
+from stages.common.generation import generate_hf
+from stages.common.models import encode_prompts, load_causal_lm, load_reward_model, load_tokenizer, pack_right
+from stages.common.runtime import BadInput, StageContext, log
+from stages.common.verifier import VERIFIERS
+
+
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.params["evaluate"]
+    verify = VERIFIERS[ctx.params["verifier"]]
+    rows = pq.read_table(ctx.fetch("data", "eval.parquet")).to_pylist()
+    if not rows:
+        raise BadInput("evaluate: eval.parquet is empty")
+    mine = [rows[i] for i in ctx.shard(len(rows))]
+    trust = ctx.params["model"]["trust_remote_code"]
+    policy_dir = ctx.fetch_dir("policy", "checkpoint")
+    tokenizer = load_tokenizer(policy_dir, trust)
+    model = load_causal_lm(policy_dir, trust).to(ctx.device)
+    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in mine])
+    samples = generate_hf(model, tokenizer, prompt_ids, n=1, temperature=1.0, top_p=1.0, greedy=True,
+                          max_new_tokens=cfg["max_new_tokens"], seed=0, batch_size=cfg["batch_size"])
+    responses = [g[0] for g in samples]
+
+    reward_model = load_reward_model(ctx.fetch_dir("reward_model", "checkpoint"), trust).to(ctx.device).eval()
+    rm_rewards = []
+    with torch.no_grad():
+        for i in range(0, len(mine), 256):
+            ids, attn, _ = pack_right(prompt_ids[i:i + 256], [s.token_ids for s in responses[i:i + 256]],
+                                      tokenizer.pad_token_id)
+            rm_rewards += reward_model(input_ids=ids.to(ctx.device),
+                                       attention_mask=attn.to(ctx.device)).logits.squeeze(-1).float().tolist()
+
+    out = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "answer": r["answer"], "response": s.text,
+            "correct": bool(verify(s.text, r["answer"])), "rm_reward": rm}
+           for r, s, rm in zip(mine, responses, rm_rewards)]
+    part = f"predictions/part-{ctx.rank:05d}.parquet"
+    pq.write_table(pa.Table.from_pylist(out), ctx.out_path(part))
+    ctx.save(part)
+
+    n, correct, reward_sum = ctx.all_reduce_sum([len(out), sum(o["correct"] for o in out), sum(rm_rewards)])
+    metrics = {"accuracy": correct / n, "mean_reward": reward_sum / n, "num_prompts": int(n)}
+    if ctx.is_main:
+        log(f"evaluate: accuracy {metrics['accuracy']:.4f} on {int(n)} held-out prompts (greedy)")
+    return metrics
+
+
+if __name__ == "__main__":
+    runtime.main(run)

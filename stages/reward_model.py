@@ -1,0 +1,92 @@
+"""reward_model: a scalar reward head on the SFT model, trained with the Bradley-Terry loss.
+
+Inputs   data (pairs.parquet), sft (checkpoint/)
+Output   checkpoint/   sequence-classification model (1 label), safetensors
+Metrics  loss, train_accuracy, eval_accuracy (held-out pairs where r_chosen > r_rejected)
+
+Initialised from the SFT weights: from scratch it learns nothing on the tiny task. The
+reward is read at the last non-pad token, the EOS that ends the response.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pyarrow.parquet as pq
+import torch
+
+from stages.common import runtime
+from stages.common.engine import full_parameters, make_engine
+from stages.common.losses import bradley_terry_loss
+from stages.common.models import encode_prompts, encode_responses, load_reward_model, load_tokenizer, pack_right, save_checkpoint
+from stages.common.runtime import BadInput, StageContext, log
+
+
+def pair_rewards(model, tokenizer, rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of chosen and rejected responses, in one forward pass."""
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    responses = encode_responses(tokenizer, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    ids, attn, _ = pack_right(prompts + prompts, responses, tokenizer.pad_token_id)
+    rewards = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.squeeze(-1).float()
+    return rewards[: len(rows)], rewards[len(rows):]
+
+
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.params["reward_model"]
+    pairs = pq.read_table(ctx.fetch("data", "pairs.parquet")).to_pylist()
+    if len(pairs) < 10:
+        raise BadInput(f"reward_model: pairs.parquet has {len(pairs)} rows, need at least 10")
+    random.Random(ctx.params["seed"]).shuffle(pairs)
+    n_eval = max(1, int(len(pairs) * cfg["eval_fraction"]))
+    eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
+
+    sft_dir = ctx.fetch_dir("sft", "checkpoint")
+    trust = ctx.params["model"]["trust_remote_code"]
+    tokenizer = load_tokenizer(sft_dir, trust)
+    model = load_reward_model(sft_dir, trust, init_head=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    if cfg["batch_size"] % ctx.world_size:
+        raise BadInput(f"reward_model.batch_size={cfg['batch_size']} is not divisible by {ctx.world_size} ranks")
+    micro = cfg["batch_size"] // ctx.world_size
+    engine, _, _ = make_engine(model, ctx.params["engine"], lr=cfg["lr"], micro_batch=micro,
+                               warmup_steps=cfg["warmup_steps"], total_steps=cfg["steps"], device=ctx.device)
+    engine.train()
+    gen = torch.Generator().manual_seed(ctx.params["seed"])
+    started, loss_sum, acc_sum = time.time(), 0.0, 0.0
+    for step in range(cfg["steps"]):
+        batch = torch.randint(len(train_pairs), (cfg["batch_size"],), generator=gen).tolist()
+        rows = [train_pairs[i] for i in batch[ctx.rank * micro : (ctx.rank + 1) * micro]]
+        chosen, rejected = pair_rewards(engine, tokenizer, rows, ctx.device)
+        loss = bradley_terry_loss(chosen, rejected)
+        if not torch.isfinite(loss):
+            raise BadInput(f"reward_model: loss is {loss.item()} at step {step}")
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.item()
+        acc_sum += (chosen > rejected).float().mean().item()
+        if (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]:
+            loss_avg, acc_avg = (v / ctx.world_size / cfg["log_every"] for v in ctx.all_reduce_sum([loss_sum, acc_sum]))
+            ctx.log_metrics({"loss": loss_avg, "train_accuracy": acc_avg}, step=step + 1)
+            if ctx.is_main:
+                log(f"reward_model step {step + 1}/{cfg['steps']} loss {loss_avg:.4f} acc {acc_avg:.3f}")
+            last = (loss_avg, acc_avg)
+            loss_sum, acc_sum = 0.0, 0.0
+
+    engine.eval()
+    mine = [eval_pairs[i] for i in ctx.shard(len(eval_pairs))]
+    with torch.no_grad():
+        correct = sum((c > r).sum().item() for c, r in
+                      (pair_rewards(engine, tokenizer, mine[i:i + 256], ctx.device) for i in range(0, len(mine), 256)))
+    eval_accuracy = ctx.all_reduce_sum([correct])[0] / len(eval_pairs)
+    with full_parameters(engine) as full_model:
+        if ctx.is_main:
+            save_checkpoint(full_model, tokenizer, ctx.out_path("checkpoint"))
+            ctx.save_dir("checkpoint")
+    return {"loss": last[0], "train_accuracy": last[1], "eval_accuracy": eval_accuracy,
+            "train_seconds": time.time() - started}
+
+
+if __name__ == "__main__":
+    runtime.main(run)

@@ -1,0 +1,85 @@
+"""sft: supervised fine-tuning on the demonstrations, loss on response tokens only.
+
+Inputs   data (data_prep)
+Output   checkpoint/   Hugging Face directory, safetensors, with the tokenizer
+Metrics  loss, tokens_per_s
+
+The base model is the tiny Llama built from the config (tokenizer from data_prep) or a
+`from_pretrained` model. Each step draws a global batch with a seeded generator; each
+rank trains on its slice, DeepSpeed averages the gradients.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow.parquet as pq
+import torch
+
+from stages.common import runtime
+from stages.common.engine import full_parameters, make_engine
+from stages.common.models import (build_tiny_model, encode_prompts, encode_responses, load_causal_lm,
+                                  load_tokenizer, pack_right, save_checkpoint)
+from stages.common.runtime import BadInput, StageContext, log
+
+
+def base_model_and_tokenizer(ctx: StageContext):
+    model_cfg = ctx.params["model"]
+    if model_cfg["tiny"] is not None:
+        tokenizer = load_tokenizer(ctx.fetch_dir("data", "tokenizer"))
+        return build_tiny_model(model_cfg["tiny"], tokenizer, seed=ctx.params["seed"]), tokenizer
+    tokenizer = load_tokenizer(model_cfg["name_or_path"], model_cfg["trust_remote_code"])
+    return load_causal_lm(model_cfg["name_or_path"], model_cfg["trust_remote_code"]), tokenizer
+
+
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.params["sft"]
+    table = pq.read_table(ctx.fetch("data", "sft.parquet")).to_pylist()
+    if not table:
+        raise BadInput("sft: sft.parquet is empty")
+    model, tokenizer = base_model_and_tokenizer(ctx)
+    prompts = encode_prompts(tokenizer, [r["prompt"] for r in table])
+    responses = encode_responses(tokenizer, [r["response"] for r in table])
+
+    if cfg["batch_size"] % ctx.world_size:
+        raise BadInput(f"sft.batch_size={cfg['batch_size']} is not divisible by {ctx.world_size} ranks")
+    micro = cfg["batch_size"] // ctx.world_size
+    engine, _, _ = make_engine(model, ctx.params["engine"], lr=cfg["lr"], micro_batch=micro,
+                               weight_decay=cfg["weight_decay"], warmup_steps=cfg["warmup_steps"],
+                               total_steps=cfg["steps"], device=ctx.device)
+    engine.train()
+    gen = torch.Generator().manual_seed(ctx.params["seed"])
+    tokens_seen, loss_sum, started = 0, 0.0, time.time()
+    for step in range(cfg["steps"]):
+        batch = torch.randint(len(table), (cfg["batch_size"],), generator=gen).tolist()
+        mine = batch[ctx.rank * micro : (ctx.rank + 1) * micro]
+        ids, attn, resp_mask = pack_right([prompts[i] for i in mine], [responses[i] for i in mine],
+                                          tokenizer.pad_token_id)
+        labels = ids.masked_fill(resp_mask == 0, -100)
+        loss = engine(input_ids=ids.to(ctx.device), attention_mask=attn.to(ctx.device),
+                      labels=labels.to(ctx.device)).loss
+        engine.backward(loss)
+        engine.step()
+        tokens_seen += int(attn.sum())
+        loss_sum += loss.item()
+        if not torch.isfinite(loss):
+            raise BadInput(f"sft: loss is {loss.item()} at step {step}")
+        if (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]:
+            mean_loss = ctx.all_reduce_sum([loss_sum / cfg["log_every"]])[0] / ctx.world_size
+            ctx.log_metrics({"loss": mean_loss, "lr": engine.get_lr()[0]}, step=step + 1)
+            if ctx.is_main:
+                log(f"sft step {step + 1}/{cfg['steps']} loss {mean_loss:.4f}")
+            last_loss, loss_sum = mean_loss, 0.0
+
+    elapsed = time.time() - started
+    total_tokens = ctx.all_reduce_sum([tokens_seen])[0]
+    with full_parameters(engine) as full_model:
+        if ctx.is_main:
+            save_checkpoint(full_model, tokenizer, ctx.out_path("checkpoint"))
+            ctx.save_dir("checkpoint")
+    return {"loss": last_loss, "tokens_per_s": total_tokens / elapsed, "train_seconds": elapsed,
+            "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
+
+
+if __name__ == "__main__":
+    runtime.main(run)

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that build stage specs, skip what exists, launch jobs, track them."""

@@ -1,0 +1,122 @@
+"""Launch a stage as a job: torchrun in its own process group, output streamed line by line.
+
+A timeout kills the whole group (torchrun and every worker), never leaving orphans.
+Deterministic failures (exit 2 in the stage) are recognised from the stage's marker line,
+since torchrun reports any failed worker as exit 1.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from stages.common.runtime import BAD_INPUT_MARKER
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class StageJobError(RuntimeError):
+    """A stage job failed; retried by the task. Carries the tail of the job's log."""
+
+    def __init__(self, message: str, exit_code: int | None, tail: list[str]):
+        self.exit_code = exit_code
+        self.tail = tail
+        super().__init__(message + "\n--- last lines of the job's log ---\n" + "".join(tail))
+
+
+class StageBadInput(StageJobError):
+    """The stage rejected its input or config: rerunning it unchanged cannot help."""
+
+
+class StageTimeout(StageJobError):
+    pass
+
+
+def torchrun_command(stage: str, spec_uri: str, nproc_per_node: int, python: str | None = None) -> list[str]:
+    return [
+        python or sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc_per_node}", "--max-restarts=0",
+        "-m", f"stages.{stage}", "--spec", spec_uri,
+    ]
+
+
+def job_env(nproc_per_node: int = 1, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
+    # DeepSpeed compiles a small communication op once; keep it in the project's cache.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(PROJECT_ROOT / ".alignflow" / "torch_extensions"))
+    env.update(extra or {})
+    return env
+
+
+def _kill_group(pgid: int, grace_s: float = 5.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + grace_s
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
+def run_job(cmd: list[str], *, timeout_s: float, log_line: Callable[[str], None],
+            env: dict[str, str] | None = None, tail_lines: int = 80) -> None:
+    """Run `cmd` to completion or raise StageJobError / StageBadInput / StageTimeout."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env=env or job_env(), cwd=PROJECT_ROOT, text=True,
+                            errors="replace", bufsize=1)
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    bad_input = False
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                line = ""
+            if line is None:
+                break
+            if line:
+                tail.append(line)
+                bad_input |= BAD_INPUT_MARKER in line
+                log_line(line.rstrip("\n"))
+            if time.monotonic() > deadline:
+                _kill_group(proc.pid)
+                proc.wait()
+                raise StageTimeout(f"job timed out after {timeout_s:.0f}s and was killed: {' '.join(cmd)}", None,
+                                   list(tail))
+        code = proc.wait()
+    finally:
+        # Reap anything the job left behind in its group (a worker that outlived torchrun).
+        _kill_group(proc.pid, grace_s=1.0)
+    if code == 0:
+        return
+    error = StageBadInput if bad_input or code == 2 else StageJobError
+    raise error(f"job exited with code {code}: {' '.join(cmd)}", code, list(tail))

@@ -1,0 +1,132 @@
+"""The one Prefect task every stage runs through.
+
+    key    = hash(stage, its params, its inputs' manifest digests, its code version)
+    output = {root}/{pipeline}/{stage}/{key}
+    valid manifest there?  -> skip: nothing is launched (a rerun, a UI retry, a new run)
+    else                   -> write the spec, launch the job, check the manifest it wrote
+
+Retries with exponential backoff and jitter, except for bad input (exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from stages.common import store
+from stages.common.config import PipelineConfig
+from stages.common.runtime import StageSpec
+from tasks import tracking as mlf
+from tasks.launch import StageBadInput, job_env, run_job, torchrun_command
+
+
+@dataclasses.dataclass(frozen=True)
+class StageResult:
+    artifact: store.Artifact
+    launched: bool  # False when skipped through its manifest
+
+    @property
+    def uri(self) -> str:
+        return self.artifact.uri
+
+    @property
+    def metrics(self) -> dict:
+        return self.artifact.metrics
+
+
+def verifier_name(cfg: PipelineConfig) -> str:
+    return cfg.data.hf.verifier if cfg.data.source == "hf" else "exact"
+
+
+def stage_params(stage: str, cfg: PipelineConfig, round_idx: int | None) -> dict:
+    """Exactly what each stage's output depends on, besides its inputs: nothing else."""
+    c = cfg.model_dump(mode="json")
+    rl = c["rl"]
+    sampling = {k: rl[k] for k in ("prompts_per_round", "samples_per_prompt", "temperature", "top_p", "max_new_tokens")}
+    by_stage = {
+        "data_prep": {"data": c["data"]},
+        "sft": {"sft": c["sft"], "engine": c["engine"]},
+        "reward_model": {"reward_model": c["reward_model"], "engine": c["engine"]},
+        "generate": {"rl": sampling, "generate": c["generate"], "round": round_idx},
+        "score": {"rl": {"reward": rl["reward"], "temperature": rl["temperature"]}, "verifier": verifier_name(cfg),
+                  "round": round_idx},
+        "update": {"rl": rl, "engine": c["engine"], "round": round_idx},
+        "evaluate": {"evaluate": c["evaluate"], "verifier": verifier_name(cfg)},
+    }
+    return {"model": c["model"], "seed": cfg.seed, **by_stage[stage]}
+
+
+def find_valid_output(uri: str, storage_options: dict, hash_limit_bytes: int = 64 << 20) -> store.Artifact | None:
+    """The artifact if its manifest is valid and its files match (hashes checked when small)."""
+    art = store.try_read_artifact(uri, storage_options)
+    if art is None:
+        return None
+    if sum(f["size"] for f in art.manifest["files"]) <= hash_limit_bytes:
+        fs, base = store.filesystem(uri, storage_options)
+        for f in art.manifest["files"]:
+            if hashlib.sha256(fs.cat_file(f"{base}/{f['path']}")).hexdigest() != f["sha256"]:
+                return None
+    return art
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except StageBadInput:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{stage}{label}")
+def run_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, StageResult], tracking: mlf.Tracking,
+              round_idx: int | None = None, label: str = "", debug: dict | None = None) -> StageResult:
+    logger = get_run_logger()
+    params = stage_params(stage, cfg, round_idx)
+    code = store.code_version(stage)
+    key = store.compute_key(stage, params, {n: r.artifact.digest for n, r in inputs.items()}, code)
+    root, opts = cfg.storage_root(), cfg.storage_options()
+    output = store.stage_output_uri(root, cfg.pipeline, stage, key)
+    run_name = f"{stage}{label}"
+
+    existing = find_valid_output(output, opts)
+    if existing is not None:
+        logger.info("%s: skipped, %s already has a valid manifest", run_name, output)
+        run_id = mlf.start_stage_run(tracking, run_name, stage, key, params, cached=True)
+        mlf.log_metrics(tracking, run_id, existing.metrics)
+        mlf.end_run(tracking, run_id, "FINISHED")
+        return StageResult(existing, launched=False)
+
+    store.remove_manifest(output, opts)  # an invalid (corrupted) output is produced again
+    run_id = mlf.start_stage_run(tracking, run_name, stage, key, params, cached=False)
+    spec = StageSpec(stage=stage, key=key, pipeline=cfg.pipeline, inputs={n: r.uri for n, r in inputs.items()},
+                     output=output, params=params, code_version=code, storage_options=opts,
+                     tracking={"uri": tracking.uri, "run_id": run_id}, debug=debug or {})
+    spec_uri = store.join(output, store.SPEC)
+    store.write_json(spec_uri, spec.to_json(), opts)
+    cmd = torchrun_command(stage, spec_uri, cfg.launch.nproc_per_node, cfg.launch.python)
+    logger.info("%s: launching %s", run_name, " ".join(cmd))
+    try:
+        run_job(cmd, timeout_s=cfg.launch.timeout_s, log_line=logger.info, env=job_env(cfg.launch.nproc_per_node))
+        artifact = store.read_artifact(output, opts)
+    except BaseException:
+        mlf.end_run(tracking, run_id, "FAILED")
+        raise
+    mlf.end_run(tracking, run_id, "FINISHED")
+    return StageResult(artifact, launched=True)
+
+
+def configured(cfg: PipelineConfig):
+    """`run_stage` with the config's retry policy."""
+    return run_stage.with_options(
+        retries=cfg.launch.retries,
+        retry_delay_seconds=(exponential_backoff(backoff_factor=cfg.launch.retry_delay_s)
+                             if cfg.launch.retries and cfg.launch.retry_delay_s > 0 else 0),
+        retry_jitter_factor=0.5,
+        retry_condition_fn=_retry_unless_bad_input,
+    )

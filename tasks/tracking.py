@@ -1,0 +1,110 @@
+"""MLflow: one parent run per pipeline run, one nested run per stage, the policy registry.
+
+The parent run is tagged with the Prefect flow-run id, so a retry of the same flow run
+(the UI's Retry button) continues in the same MLflow run. Stage jobs log their own
+metrics into the nested run the task opened for them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from stages.common import store
+from stages.common.config import PipelineConfig
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@dataclass(frozen=True)
+class Tracking:
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _flatten(prefix: str, obj) -> dict[str, str]:
+    if isinstance(obj, dict):
+        out: dict[str, str] = {}
+        for k, v in obj.items():
+            out |= _flatten(f"{prefix}.{k}" if prefix else k, v)
+        return out
+    return {prefix: str(obj)[:6000]}
+
+
+def start_pipeline_run(cfg: PipelineConfig, flow_run_id: str, flow_run_name: str, rounds: int) -> Tracking:
+    uri = cfg.tracking_uri()
+    c = client(uri)
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else c.create_experiment(cfg.tracking.experiment)
+    existing = c.search_runs([exp_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1)
+    if existing:  # a retry of the same flow run: continue its MLflow run
+        run_id = existing[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return Tracking(uri, exp_id, run_id)
+    run = c.create_run(exp_id, run_name=f"{cfg.pipeline}-{flow_run_name}", tags={
+        "prefect.flow_run_id": flow_run_id, "alignflow.pipeline": cfg.pipeline, "alignflow.config_digest": cfg.digest(),
+    })
+    from mlflow.entities import Param
+
+    config = cfg.model_dump(mode="json", exclude={"storage", "tracking"})
+    params = [Param(k, v) for k, v in _flatten("", config).items()] + [Param("rounds", str(rounds))]
+    for i in range(0, len(params), 90):
+        c.log_batch(run.info.run_id, params=params[i : i + 90])
+    return Tracking(uri, exp_id, run.info.run_id)
+
+
+def start_stage_run(tracking: Tracking, name: str, stage: str, key: str, params: dict, cached: bool) -> str:
+    from mlflow.entities import Param
+
+    c = client(tracking.uri)
+    run = c.create_run(tracking.experiment_id, run_name=name, tags={
+        "mlflow.parentRunId": tracking.parent_run_id, "alignflow.stage": stage, "alignflow.key": key,
+        "alignflow.cached": str(cached).lower(),
+    })
+    flat = [Param(k, v) for k, v in _flatten("", params).items()]
+    for i in range(0, len(flat), 90):
+        c.log_batch(run.info.run_id, params=flat[i : i + 90])
+    return run.info.run_id
+
+
+def log_metrics(tracking: Tracking, run_id: str, metrics: dict) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float))]
+    if batch:
+        client(tracking.uri).log_batch(run_id, metrics=batch)
+
+
+def end_run(tracking: Tracking, run_id: str, status: str) -> None:
+    client(tracking.uri).set_terminated(run_id, status=status)
+
+
+def register_policy(cfg: PipelineConfig, tracking: Tracking, policy: store.Artifact, lineage: dict[str, str]):
+    """Register the policy checkpoint by its URI in the store (no copy); idempotent per URI."""
+    c = client(tracking.uri)
+    name = cfg.tracking.registered_model
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.create_registered_model(name, tags={"alignflow.pipeline": cfg.pipeline})
+    except MlflowException as err:
+        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+            raise
+    source = store.join(policy.uri, "checkpoint")
+    for mv in c.search_model_versions(f"name = '{name}'"):
+        if mv.source == source:
+            return name, str(mv.version)
+    mv = c.create_model_version(name, source=source, run_id=tracking.parent_run_id, tags=lineage)
+    return name, str(mv.version)
