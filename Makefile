@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean services-up services-down
 
 setup: $(VENV)/.installed
 
@@ -28,3 +28,10 @@ test: setup
 
 clean:
 	rm -rf .alignflow
+
+# The Prefect UI path: server, worker, MLflow and S3 on loopback (see README).
+services-up: setup
+	scripts/services.sh up
+
+services-down:
+	scripts/services.sh down

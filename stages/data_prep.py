@@ -82,10 +82,37 @@ def corrupt_digit(text: str, rng: random.Random) -> str:
     return text[:start] + new + text[start + 1:]
 
 
+def check_local_source(cfg: dict) -> None:
+    """Before any job starts: a local dataset file must exist, have the mapped columns and rows."""
+    path = cfg["path"]
+    if not path.endswith((".parquet", ".jsonl", ".json")):
+        return  # a hub dataset: checked by data_prep once downloaded
+    import os
+
+    if not os.path.isfile(path):
+        raise BadInput(f"data.hf.path: file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise BadInput(f"data.hf.path: {path} has no rows")
+    if path.endswith(".parquet"):
+        meta = pq.ParquetFile(path).metadata
+        columns, rows = meta.schema.names, meta.num_rows
+    else:
+        import pyarrow.json as pj
+
+        table = pj.read_json(path)
+        columns, rows = table.column_names, table.num_rows
+    for col_key in ("prompt_column", "response_column", "answer_column"):
+        if cfg[col_key] not in columns:
+            raise BadInput(f"data.hf.{col_key}: column {cfg[col_key]!r} not in {path} (columns: {columns})")
+    if rows == 0:
+        raise BadInput(f"data.hf.path: {path} has no rows")
+
+
 def hf_dataset(cfg: dict, seed: int) -> dict[str, list[dict]]:
     import datasets
 
     path = cfg["path"]
+    check_local_source(cfg)
     local_format = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
     fmt = next((f for ext, f in local_format.items() if path.endswith(ext)), None)
     try:

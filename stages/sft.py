@@ -58,12 +58,14 @@ def run(ctx: StageContext) -> dict:
         labels = ids.masked_fill(resp_mask == 0, -100)
         loss = engine(input_ids=ids.to(ctx.device), attention_mask=attn.to(ctx.device),
                       labels=labels.to(ctx.device)).loss
+        if ctx.spec.debug.get("nan_loss_at_step") == step:  # fault injection for tests
+            loss = loss * float("nan")
+        if not torch.isfinite(loss):  # before backward: a bad step never reaches the weights
+            raise BadInput(f"sft: loss is {loss.item()} at step {step}")
         engine.backward(loss)
         engine.step()
         tokens_seen += int(attn.sum())
         loss_sum += loss.item()
-        if not torch.isfinite(loss):
-            raise BadInput(f"sft: loss is {loss.item()} at step {step}")
         if (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]:
             mean_loss = ctx.all_reduce_sum([loss_sum / cfg["log_every"]])[0] / ctx.world_size
             ctx.log_metrics({"loss": mean_loss, "lr": engine.get_lr()[0]}, step=step + 1)

@@ -216,9 +216,10 @@ def main(run: Callable[[StageContext], dict]) -> None:
     try:
         raw = store.read_json(args.spec, json.loads(os.environ.get("ALIGNFLOW_STORAGE_OPTIONS", "{}")))
         spec = StageSpec.from_json(raw)
-    except Exception as err:  # an unreadable spec is bad input, not a transient fault
+    except (FileNotFoundError, ValueError, TypeError) as err:  # missing or malformed: rerunning won't help
         print(f"{BAD_INPUT_MARKER}: cannot read stage spec {args.spec}: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
+    # Anything else (the store unreachable, say) propagates: exit 1, and the task retries.
     try:
         _maybe_inject_fault(spec)
         ctx = StageContext(spec)

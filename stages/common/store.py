@@ -9,6 +9,7 @@ sha256 when they download it, and fail with an error naming the file.
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import hashlib
 import json
@@ -40,12 +41,40 @@ def _canonical(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
+def stage_code_files(stage: str) -> list[Path]:
+    """The stage's module and every `stages.common` module it imports, transitively."""
+    common = STAGES_DIR / "common"
+    seen: set[Path] = set()
+    todo = [STAGES_DIR / f"{stage}.py"]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 1 and path.parent == common:  # from . import x / from .x import y
+                    names = [f"stages.common.{node.module}"] if node.module else \
+                        [f"stages.common.{a.name}" for a in node.names]
+                elif node.module == "stages.common":
+                    names = [f"stages.common.{a.name}" for a in node.names]
+                elif node.module:
+                    names = [node.module]
+            for name in names:
+                parts = name.split(".")
+                if parts[:2] == ["stages", "common"] and len(parts) > 2 and (common / f"{parts[2]}.py").is_file():
+                    todo.append(common / f"{parts[2]}.py")
+    return sorted(seen)
+
+
 def code_version(stage: str) -> str:
-    """Hash of the stage's module and the shared stage code: any change gives new keys."""
+    """Hash of the code that produces the stage's output: a change to it gives new keys."""
     h = hashlib.sha256()
-    files = [STAGES_DIR / f"{stage}.py", *sorted((STAGES_DIR / "common").glob("*.py"))]
-    for f in files:
-        h.update(f.name.encode())
+    for f in stage_code_files(stage):
+        h.update(f.relative_to(STAGES_DIR).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:12]
 

@@ -1,0 +1,74 @@
+"""The config schema: strict, errors name the key, checked before any job starts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.common.config import ConfigError, load_config, parse_config
+from tests.conftest import ROOT, small_config
+
+
+def test_shipped_configs_validate():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.pipeline
+
+
+def test_unknown_key_is_named(tmp_path):
+    data = small_config(tmp_path)
+    data["rl"]["clip_epsilon"] = 0.2  # typo of clip_eps
+    with pytest.raises(ConfigError, match=r"rl\.clip_epsilon: unknown key"):
+        parse_config(data)
+
+
+def test_wrong_type_is_named(tmp_path):
+    data = small_config(tmp_path)
+    data["sft"]["steps"] = "many"
+    with pytest.raises(ConfigError, match=r"sft\.steps"):
+        parse_config(data)
+
+
+def test_model_source_exactly_one(tmp_path):
+    data = small_config(tmp_path)
+    data["model"]["name_or_path"] = "Qwen/Qwen2.5-0.5B"
+    with pytest.raises(ConfigError, match="exactly one of model.name_or_path or model.tiny"):
+        parse_config(data)
+
+
+def test_hf_source_needs_section(tmp_path):
+    data = small_config(tmp_path)
+    data["data"] = {"source": "hf"}
+    with pytest.raises(ConfigError, match="data.hf section is missing"):
+        parse_config(data)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pipeline: [unclosed")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+
+
+def test_digest_ignores_where_not_what(tmp_path):
+    a = parse_config(small_config(tmp_path))
+    b = parse_config(small_config(tmp_path / "elsewhere"))
+    c = parse_config(small_config(tmp_path, **{"rl.lr": 0.5}))
+    assert a.digest() == b.digest()  # storage/tracking paths differ
+    assert a.digest() != c.digest()
+
+
+def test_cli_rejects_bad_config_before_any_job(tmp_path):
+    data = small_config(tmp_path)
+    data["engine"]["zero_stage"] = 7
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "engine.zero_stage" in proc.stderr
+    assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,94 @@
+"""Faults: what is lost (nothing) and what is redone (only what must be).
+
+These run a short pipeline prefix (data_prep -> sft) through the real stage task, so each
+fault costs seconds, not a whole pipeline.
+"""
+
+import json
+
+import pytest
+import yaml
+from prefect import flow
+
+from stages.common import store
+from stages.common.config import load_config
+from tasks import tracking as mlf
+from tasks.launch import StageBadInput
+from tasks.stage import configured
+from tests.conftest import small_config
+
+
+@flow(name="prefix")
+def prefix(config_path: str, upto: str = "sft", sft_debug: dict | None = None) -> dict:
+    cfg = load_config(config_path)
+    tracking = mlf.start_pipeline_run(cfg, "test-prefix", "prefix", 0)
+    stage = configured(cfg)
+    data = stage("data_prep", cfg, {}, tracking)
+    out = {"data_prep": data}
+    if upto == "sft":
+        out["sft"] = stage("sft", cfg, {"data": data}, tracking, debug=sft_debug)
+    return out
+
+
+def _config(tmp_path, **overrides):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(small_config(tmp_path, **overrides)))
+    return path
+
+
+def _stage_runs(cfg_path, stage):
+    cfg = load_config(cfg_path)
+    c = mlf.client(cfg.tracking_uri())
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    return c.search_runs([exp.experiment_id], filter_string=f"tags.`alignflow.stage` = '{stage}'")
+
+
+def test_corrupted_checkpoint_is_produced_again(tmp_path, prefect_harness):
+    cfg_path = _config(tmp_path)
+    first = prefix(str(cfg_path))
+    sft = first["sft"].artifact
+    weights = str(tmp_path / "store" / sft.uri.split("/store/", 1)[1] / "checkpoint" / "model.safetensors")
+    blob = bytearray(open(weights, "rb").read())
+    blob[-10:] = b"\xff" * 10  # same size, other bytes: only the hash can tell
+    open(weights, "wb").write(bytes(blob))
+
+    second = prefix(str(cfg_path))
+    assert not second["data_prep"].launched, "data_prep was intact and must not rerun"
+    assert second["sft"].launched, "the corrupted sft output must be produced again"
+    assert second["sft"].uri == sft.uri  # same key, same place
+    assert second["sft"].artifact.digest == sft.digest  # deterministic: the same bytes again
+    assert store.sha256_file(weights) == sft.file("checkpoint/model.safetensors").sha256
+
+
+def test_divergence_fails_without_manifest_and_is_not_retried(tmp_path, prefect_harness):
+    cfg_path = _config(tmp_path)
+    with pytest.raises(StageBadInput, match=r"sft: loss is nan at step 5"):
+        prefix(str(cfg_path), sft_debug={"nan_loss_at_step": 5})
+    runs = _stage_runs(cfg_path, "sft")
+    assert [r.info.status for r in runs] == ["FAILED"]  # one attempt: exit 2 is not retried
+    sft_dirs = list((tmp_path / "store" / "test-arith" / "sft").iterdir())
+    assert len(sft_dirs) == 1 and not (sft_dirs[0] / store.MANIFEST).exists()
+    # what came before is intact and reusable
+    assert store.try_read_artifact("file://" + str(next((tmp_path / "store" / "test-arith" / "data_prep").iterdir())))
+
+
+@pytest.mark.parametrize("case", ["missing_column", "empty", "missing_file"])
+def test_bad_dataset_fails_before_any_job(tmp_path, prefect_harness, case):
+    from flows.alignment import alignment
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"question": f"{i}+1=", "answer": str(i + 1)} for i in range(20)]
+    if case == "empty":
+        rows = []
+    if case != "missing_file":
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hf = {"path": str(data), "prompt_column": "question", "response_column": "answer", "answer_column": "answer",
+          "num_eval": 5}
+    if case == "missing_column":
+        hf["response_column"] = "solution"
+    cfg_path = _config(tmp_path, **{"data.source": "hf", "data.hf": hf})
+    expected = {"missing_column": r"data\.hf\.response_column: column 'solution' not in",
+                "empty": "has no rows", "missing_file": "file not found"}[case]
+    with pytest.raises(Exception, match=expected):
+        alignment(config_path=str(cfg_path))
+    assert not (tmp_path / "store").exists(), "no job may start on a bad dataset"

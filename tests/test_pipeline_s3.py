@@ -1,0 +1,129 @@
+"""The whole pipeline, small, on s3:// (moto's server on loopback), through Prefect's real engine.
+
+One module-scoped run (with a transient fault injected into a late stage) and one rerun
+that must launch nothing.
+"""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from stages.common import store
+from stages.common.rollouts import SCORED_SCHEMA
+from tests.conftest import small_config
+
+STAGES_PER_RUN = 4 + 3 * 2 + 1  # data_prep, sft, reward_model, eval[sft]; 2 rounds x 3; eval[policy]
+
+
+@pytest.fixture(scope="module")
+def s3_pipeline(tmp_path_factory, s3_server, prefect_harness):
+    from flows.alignment import alignment
+
+    tmp = tmp_path_factory.mktemp("s3pipe")
+    bucket = s3_server.bucket()
+    data = small_config(tmp, **{"storage.root": f"s3://{bucket}/runs", "storage.s3_endpoint_url": s3_server.endpoint})
+    config = tmp / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    marker = f"s3://{bucket}/faults/score-1"
+    opts = {"client_kwargs": {"endpoint_url": s3_server.endpoint}}
+    fs, path = store.filesystem(marker, opts)
+    fs.pipe_file(path, b"fail once")
+
+    first = alignment(config_path=str(config), debug={"score[1]": {"fail_once_marker": marker}})
+    second = alignment(config_path=str(config))
+    return {"first": first, "second": second, "config": data, "opts": opts, "bucket": bucket, "marker": marker}
+
+
+def test_summary(s3_pipeline):
+    s = s3_pipeline["first"]
+    for key in ("sft_accuracy", "policy_accuracy", "eval_prompts", "rounds", "policy_checkpoint_uri",
+                "mlflow_run_id", "registered_model", "model_version"):
+        assert key in s, key
+    assert s["rounds"] == 2 and s["eval_prompts"] == 40
+    assert 0.0 <= s["policy_accuracy"] <= 1.0
+    assert s["policy_checkpoint_uri"].startswith(f"s3://{s3_pipeline['bucket']}/runs/test-arith/update/")
+    assert s["stages_launched"] == STAGES_PER_RUN and s["stages_skipped"] == 0
+
+
+def test_every_stage_has_a_manifest_in_s3(s3_pipeline):
+    fs, _ = store.filesystem(f"s3://{s3_pipeline['bucket']}", s3_pipeline["opts"])
+    manifests = fs.glob(f"{s3_pipeline['bucket']}/runs/test-arith/*/*/{store.MANIFEST}")
+    stages = sorted(p.split("/")[-3] for p in manifests)
+    assert stages == sorted(["data_prep", "sft", "reward_model", "evaluate", "evaluate"]
+                            + ["generate", "score", "update"] * 2)
+    # Checkpoints are safetensors, never pickles.
+    policy = store.read_artifact(s3_pipeline["first"]["policy_checkpoint_uri"].rsplit("/", 1)[0], s3_pipeline["opts"])
+    names = [f.path for f in policy.files_under("checkpoint")]
+    assert "checkpoint/model.safetensors" in names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
+
+
+def test_scored_rollouts_follow_the_schema(s3_pipeline, tmp_path):
+    fs, _ = store.filesystem(f"s3://{s3_pipeline['bucket']}", s3_pipeline["opts"])
+    [score_dir] = [p.rsplit("/", 1)[0] for p in fs.glob(f"{s3_pipeline['bucket']}/runs/test-arith/score/*/{store.MANIFEST}")
+                   if json.loads(fs.cat_file(p))["params"]["round"] == 0]
+    art = store.read_artifact("s3://" + score_dir, s3_pipeline["opts"])
+    parts = [store.download(art, f.path, tmp_path, s3_pipeline["opts"]) for f in art.files_under("scored")]
+    table = pq.read_table(parts[0]).to_pylist() + pq.read_table(parts[1]).to_pylist()
+    assert len(parts) == 2  # one part per rank
+    assert pq.read_schema(parts[0]).names[: len(SCORED_SCHEMA)] == SCORED_SCHEMA.names
+    cfg = s3_pipeline["config"]["rl"]
+    assert len(table) == cfg["prompts_per_round"] * cfg["samples_per_prompt"]
+    for r in table:
+        assert len(r["response_logprobs"]) == len(r["response_token_ids"]) == len(r["ref_logprobs"])
+        assert r["reward"] in (0.0, 1.0)
+        assert all(lp <= 0 for lp in r["response_logprobs"])
+
+
+def test_transient_fault_was_retried(s3_pipeline):
+    fs, path = store.filesystem(s3_pipeline["marker"], s3_pipeline["opts"])
+    assert not fs.exists(path)  # the injected fault fired once
+    client = MlflowClient(s3_pipeline["config"]["tracking"]["uri"])
+    parent = s3_pipeline["first"]["mlflow_run_id"]
+    runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`alignflow.stage` = 'score'")
+    statuses = sorted((r.info.run_name, r.info.status) for r in runs)
+    assert statuses == [("score[0]", "FINISHED"), ("score[1]", "FAILED"), ("score[1]", "FINISHED")]
+
+
+def test_mlflow_runs_and_registry(s3_pipeline):
+    s = s3_pipeline["first"]
+    client = MlflowClient(s3_pipeline["config"]["tracking"]["uri"])
+    parent = client.get_run(s["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["policy_accuracy"] == pytest.approx(s["policy_accuracy"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    sft = [r for r in children if r.info.run_name == "sft"][0]
+    assert "loss" in sft.data.metrics and "tokens_per_s" in sft.data.metrics
+    assert len(client.get_metric_history(sft.info.run_id, "loss")) >= 2  # a curve, logged by rank 0
+    update = [r for r in children if r.info.run_name == "update[0]"][0]
+    assert {"kl", "clip_frac", "ratio_dev_first"} <= update.data.metrics.keys()
+    assert update.data.metrics["ratio_dev_first"] < 1e-4  # the first minibatch is on-policy
+
+    mv = client.get_model_version(s["registered_model"], s["model_version"])
+    assert mv.source == s["policy_checkpoint_uri"]
+    for tag in ("pipeline", "config_digest", "data_digest", "policy_key", "sft_key", "reward_model_key"):
+        assert mv.tags.get(tag), tag
+
+
+def test_no_secret_leaks(s3_pipeline):
+    secret = "testing-secret"  # AWS_SECRET_ACCESS_KEY set by the s3_server fixture
+    fs, _ = store.filesystem(f"s3://{s3_pipeline['bucket']}", s3_pipeline["opts"])
+    for p in fs.glob(f"{s3_pipeline['bucket']}/runs/**/_*.json"):
+        assert secret not in fs.cat_file(p).decode(), p
+    client = MlflowClient(s3_pipeline["config"]["tracking"]["uri"])
+    parent = client.get_run(s3_pipeline["first"]["mlflow_run_id"])
+    for run in client.search_runs([parent.info.experiment_id]):
+        assert secret not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+
+
+def test_rerun_launches_nothing(s3_pipeline):
+    first, second = s3_pipeline["first"], s3_pipeline["second"]
+    assert second["stages_launched"] == 0 and second["stages_skipped"] == STAGES_PER_RUN
+    assert second["policy_checkpoint_uri"] == first["policy_checkpoint_uri"]
+    assert second["policy_accuracy"] == first["policy_accuracy"]
+    assert second["model_version"] == first["model_version"]  # registered once per checkpoint
