@@ -19,6 +19,7 @@ import torch
 from stages.common import runtime
 from stages.common.engine import full_parameters, make_engine
 from stages.common.losses import bradley_terry_loss
+from stages.common.resume import Resumer
 from stages.common.models import encode_prompts, encode_responses, load_reward_model, load_tokenizer, pack_right, save_checkpoint
 from stages.common.runtime import BadInput, StageContext, log
 
@@ -44,18 +45,21 @@ def run(ctx: StageContext) -> dict:
     sft_dir = ctx.fetch_dir("sft", "checkpoint")
     trust = ctx.params["model"]["trust_remote_code"]
     tokenizer = load_tokenizer(sft_dir, trust)
-    model = load_reward_model(sft_dir, trust, init_head=True)
+    resumer = Resumer(ctx, cfg["save_every"], cfg["steps"])
+    resume_dir = resumer.model_dir()  # a killed attempt left resume state
+    model = load_reward_model(resume_dir or sft_dir, trust, init_head=resume_dir is None)
     model.config.pad_token_id = tokenizer.pad_token_id
 
     if cfg["batch_size"] % ctx.world_size:
         raise BadInput(f"reward_model.batch_size={cfg['batch_size']} is not divisible by {ctx.world_size} ranks")
     micro = cfg["batch_size"] // ctx.world_size
-    engine, _, _ = make_engine(model, ctx.params["engine"], lr=cfg["lr"], micro_batch=micro,
-                               warmup_steps=cfg["warmup_steps"], total_steps=cfg["steps"], device=ctx.device)
+    engine, _, scheduler = make_engine(model, ctx.params["engine"], lr=cfg["lr"], micro_batch=micro,
+                                       warmup_steps=cfg["warmup_steps"], total_steps=cfg["steps"], device=ctx.device)
     engine.train()
     gen = torch.Generator().manual_seed(ctx.params["seed"])
-    started, loss_sum, acc_sum = time.time(), 0.0, 0.0
-    for step in range(cfg["steps"]):
+    start_step = resumer.restore(engine, scheduler, gen)
+    started, loss_sum, acc_sum, last = time.time(), 0.0, 0.0, (float("nan"), float("nan"))
+    for step in range(start_step, cfg["steps"]):
         batch = torch.randint(len(train_pairs), (cfg["batch_size"],), generator=gen).tolist()
         rows = [train_pairs[i] for i in batch[ctx.rank * micro : (ctx.rank + 1) * micro]]
         chosen, rejected = pair_rewards(engine, tokenizer, rows, ctx.device)
@@ -73,6 +77,7 @@ def run(ctx: StageContext) -> dict:
                 log(f"reward_model step {step + 1}/{cfg['steps']} loss {loss_avg:.4f} acc {acc_avg:.3f}")
             last = (loss_avg, acc_avg)
             loss_sum, acc_sum = 0.0, 0.0
+        resumer.maybe_save(step + 1, engine, scheduler, gen, lambda m, d: save_checkpoint(m, tokenizer, d))
 
     engine.eval()
     mine = [eval_pairs[i] for i in ctx.shard(len(eval_pairs))]

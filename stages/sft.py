@@ -4,6 +4,9 @@ Inputs   data (data_prep)
 Output   checkpoint/   Hugging Face directory, safetensors, with the tokenizer
 Metrics  loss, tokens_per_s
 
+Every `save_every` steps the full training state goes to {output}/_resume/ (safetensors),
+so a killed job resumes there instead of at step 0.
+
 The base model is the tiny Llama built from the config (tokenizer from data_prep) or a
 `from_pretrained` model. Each step draws a global batch with a seeded generator; each
 rank trains on its slice, DeepSpeed averages the gradients.
@@ -18,6 +21,7 @@ import torch
 
 from stages.common import runtime
 from stages.common.engine import full_parameters, make_engine
+from stages.common.resume import Resumer
 from stages.common.models import (build_tiny_model, encode_prompts, encode_responses, load_causal_lm,
                                   load_tokenizer, pack_right, save_checkpoint)
 from stages.common.runtime import BadInput, StageContext, log
@@ -38,19 +42,23 @@ def run(ctx: StageContext) -> dict:
     if not table:
         raise BadInput("sft: sft.parquet is empty")
     model, tokenizer = base_model_and_tokenizer(ctx)
+    resumer = Resumer(ctx, cfg["save_every"], cfg["steps"])
+    if (resume_dir := resumer.model_dir()) is not None:  # a killed attempt left resume state
+        model = load_causal_lm(resume_dir, ctx.params["model"]["trust_remote_code"])
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in table])
     responses = encode_responses(tokenizer, [r["response"] for r in table])
 
     if cfg["batch_size"] % ctx.world_size:
         raise BadInput(f"sft.batch_size={cfg['batch_size']} is not divisible by {ctx.world_size} ranks")
     micro = cfg["batch_size"] // ctx.world_size
-    engine, _, _ = make_engine(model, ctx.params["engine"], lr=cfg["lr"], micro_batch=micro,
-                               weight_decay=cfg["weight_decay"], warmup_steps=cfg["warmup_steps"],
-                               total_steps=cfg["steps"], device=ctx.device)
+    engine, _, scheduler = make_engine(model, ctx.params["engine"], lr=cfg["lr"], micro_batch=micro,
+                                       weight_decay=cfg["weight_decay"], warmup_steps=cfg["warmup_steps"],
+                                       total_steps=cfg["steps"], device=ctx.device)
     engine.train()
     gen = torch.Generator().manual_seed(ctx.params["seed"])
-    tokens_seen, loss_sum, started = 0, 0.0, time.time()
-    for step in range(cfg["steps"]):
+    start_step = resumer.restore(engine, scheduler, gen)
+    tokens_seen, loss_sum, started, last_loss = 0, 0.0, time.time(), float("nan")
+    for step in range(start_step, cfg["steps"]):
         batch = torch.randint(len(table), (cfg["batch_size"],), generator=gen).tolist()
         mine = batch[ctx.rank * micro : (ctx.rank + 1) * micro]
         ids, attn, resp_mask = pack_right([prompts[i] for i in mine], [responses[i] for i in mine],
@@ -72,6 +80,7 @@ def run(ctx: StageContext) -> dict:
             if ctx.is_main:
                 log(f"sft step {step + 1}/{cfg['steps']} loss {mean_loss:.4f}")
             last_loss, loss_sum = mean_loss, 0.0
+        resumer.maybe_save(step + 1, engine, scheduler, gen, lambda m, d: save_checkpoint(m, tokenizer, d))
 
     elapsed = time.time() - started
     total_tokens = ctx.all_reduce_sum([tokens_seen])[0]

@@ -1,6 +1,6 @@
 """Launch a stage as a job: torchrun in its own process group, output streamed line by line.
 
-A timeout kills the whole group (torchrun and every worker), never leaving orphans.
+A timeout kills the whole process tree (torchrun and every worker), never leaving orphans.
 Deterministic failures (exit 2 in the stage) are recognised from the stage's marker line,
 since torchrun reports any failed worker as exit 1.
 """
@@ -8,6 +8,7 @@ since torchrun reports any failed worker as exit 1.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import signal
@@ -17,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable
+
+import psutil
 
 from stages.common.runtime import BAD_INPUT_MARKER
 
@@ -63,19 +66,28 @@ def job_env(nproc_per_node: int = 1, extra: dict[str, str] | None = None) -> dic
     return env
 
 
-def _kill_group(pgid: int, grace_s: float = 5.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
+def kill_tree(pid: int, grace_s: float = 5.0, first_signal: int = signal.SIGTERM) -> None:
+    """Stop a job and every process under it.
+
+    torchrun starts each worker in a session of its own, so killing torchrun's process group
+    alone would orphan the workers: collect all descendants first, then signal every group.
+    """
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    groups = {pid}
+    for p in procs:
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            groups.add(os.getpgid(p.pid))
+    for sig in dict.fromkeys((first_signal, signal.SIGKILL)):
+        for g in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(g, sig)
+        _, procs = psutil.wait_procs(procs, timeout=grace_s)
+        if not procs:
             return
-        deadline = time.time() + grace_s
-        while time.time() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
 
 
 def run_job(cmd: list[str], *, timeout_s: float, log_line: Callable[[str], None],
@@ -108,14 +120,14 @@ def run_job(cmd: list[str], *, timeout_s: float, log_line: Callable[[str], None]
                 bad_input |= BAD_INPUT_MARKER in line
                 log_line(line.rstrip("\n"))
             if time.monotonic() > deadline:
-                _kill_group(proc.pid)
+                kill_tree(proc.pid)
                 proc.wait()
                 raise StageTimeout(f"job timed out after {timeout_s:.0f}s and was killed: {' '.join(cmd)}", None,
                                    list(tail))
         code = proc.wait()
     finally:
-        # Reap anything the job left behind in its group (a worker that outlived torchrun).
-        _kill_group(proc.pid, grace_s=1.0)
+        # Reap anything the job left behind (a worker that outlived torchrun).
+        kill_tree(proc.pid, grace_s=1.0)
     if code == 0:
         return
     error = StageBadInput if bad_input or code == 2 else StageJobError

@@ -66,3 +66,22 @@ def test_bad_input_through_real_torchrun(tmp_path):
     with pytest.raises(StageBadInput) as err:
         run_job(cmd, timeout_s=120, log_line=lines.append, env=job_env(2))
     assert "missing-spec.json" in str(err.value)
+
+
+def test_timeout_kills_torchrun_workers(tmp_path):
+    """torchrun puts each worker in its own session: the kill must still reach them."""
+    script = tmp_path / "hang.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, time
+        open({str(tmp_path)!r} + f"/worker-{{os.environ['RANK']}}.pid", "w").write(str(os.getpid()))
+        print("worker up", flush=True)
+        time.sleep(600)
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    with pytest.raises(StageTimeout):
+        run_job(cmd, timeout_s=8, log_line=lambda s: None, env=job_env(2))
+    pids = [int((tmp_path / f"worker-{r}.pid").read_text()) for r in range(2)]
+    deadline = time.time() + 10
+    while time.time() < deadline and any(map(_alive, pids)):
+        time.sleep(0.1)
+    assert not any(map(_alive, pids)), "a torchrun worker outlived the job's timeout"

@@ -188,6 +188,10 @@ class StageContext:
                 metrics=metrics,
                 storage_options=self.spec.storage_options,
             )
+            # The output is complete: resume state of killed attempts is no longer needed.
+            fs, base = store.filesystem(self.spec.output, self.spec.storage_options)
+            if fs.exists(f"{base}/_resume"):
+                fs.rm(f"{base}/_resume", recursive=True)
         self.barrier()
 
 
