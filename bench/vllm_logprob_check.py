@@ -113,6 +113,11 @@ def max_abs_diff(samples, ref) -> float:
     return max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x, y))
 
 
+def count_off(samples, ref, tol: float = TOL) -> int:
+    got = [s.logprobs for g in samples for s in g if s.token_ids]
+    return sum(abs(a - b) > tol for x, y in zip(got, ref) for a, b in zip(x, y))
+
+
 def summary(samples) -> str:
     toks = [len(s.token_ids) for g in samples for s in g]
     reasons = [s.finish_reason for g in samples for s in g]
@@ -222,7 +227,9 @@ def main() -> int:
         failed |= not ok
         print(f"{name}: max |vllm - log_softmax(logits/T)| = {d_plain:.2e}"
               f"{'  [gated, tol 1e-3: ' + ('OK' if ok else 'FAIL') + ']' if gated else '  [not gated]'}; "
-              f"vs top-p-renormalised: {d_nucleus:.2e}; vs untempered log_softmax(logits): {d_raw:.2e}")
+              f"vs top-p-renormalised: {d_nucleus:.2e} ({count_off(samples, nucleus)} of "
+              f"{sum(len(x) for x in nucleus)} tokens off by > 1e-3: nucleus-boundary float ties); "
+              f"vs untempered log_softmax(logits): {d_raw:.2e}")
 
     if args.cli:
         out = run_cli(model_dir, prompts, tmp.name)

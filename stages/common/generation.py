@@ -8,17 +8,12 @@ top-p), which is what the trainer recomputes, so the first policy-gradient ratio
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 
+from .vllm_generate import Sample  # one definition for both backends (that module is stdlib-only)
 
-@dataclass
-class Sample:
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    finish_reason: str  # "stop": ended with EOS; "length": hit max_new_tokens
+__all__ = ["Sample", "generate_hf", "pick_backend"]
 
 
 def pick_backend(backend: str) -> str:

