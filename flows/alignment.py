@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.context import get_run_context
 
 from stages.common.config import load_config
+from stages.data_prep import check_local_source
 from tasks import tracking as mlf
 from tasks.stage import StageResult, configured
 
@@ -32,6 +33,8 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
     started = time.time()
     logger = get_run_logger()
     cfg = load_config(config_path)
+    if cfg.data.source == "hf":  # a bad local dataset fails here, before any job starts
+        check_local_source(cfg.data.hf.model_dump())
     rounds = cfg.rl.rounds if rounds is None else rounds
     flow_run = get_run_context().flow_run
     tracking = mlf.start_pipeline_run(cfg, str(flow_run.id), flow_run.name, rounds)
@@ -49,11 +52,15 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
         sft_eval = run("evaluate", {"policy": sft, "data": data, "reward_model": reward_model}, label="[sft]")
 
         policy, history = sft, [sft, data, reward_model, sft_eval]
+        # PPO's value model of round r: the reward model or SFT at first, then what update r-1 wrote.
+        value = reward_model if cfg.rl.value_init == "reward_model" else sft
         for r in range(rounds):
+            critic = {"value": value} if cfg.rl.algorithm == "ppo" else {}
             rollouts = run("generate", {"policy": policy, "data": data}, r, f"[{r}]")
             scored = run("score", {"rollouts": rollouts, "reference": sft, "reward_model": reward_model,
-                                   "data": data}, r, f"[{r}]")
-            policy = run("update", {"policy": policy, "scored": scored}, r, f"[{r}]")
+                                   "data": data, **critic}, r, f"[{r}]")
+            policy = run("update", {"policy": policy, "scored": scored, **critic}, r, f"[{r}]")
+            value = policy  # update writes value/ next to checkpoint/
             history += [rollouts, scored, policy]
 
         policy_eval = run("evaluate", {"policy": policy, "data": data, "reward_model": reward_model},

@@ -1,9 +1,11 @@
-"""score: rewards and reference logprobs for a round's rollouts.
+"""score: rewards, reference logprobs and (PPO) values for a round's rollouts.
 
 Inputs   rollouts (generate), reward_model (checkpoint/), reference (the SFT checkpoint/),
-         data (rl_prompts.parquet, for the verifier's answers)
-Output   scored/part-{rank}.parquet   SCORED_SCHEMA: rollouts + reward, reward_info, ref_logprobs
-Metrics  reward_mean, reward_std, verifier_accuracy, rm_reward_mean, rm_margin
+         data (rl_prompts.parquet, for the verifier's answers),
+         value (PPO only: the value model of this round, see stages/common/critic.py)
+Output   scored/part-{rank}.parquet   SCORED_SCHEMA: rollouts + reward, reward_info, ref_logprobs;
+         PPO_SCORED_SCHEMA (+ values) when there is a value input
+Metrics  reward_mean, reward_std, verifier_accuracy, rm_reward_mean, rm_margin (+ value_mean)
 
 `rl.reward` picks the reward of record: the verifier (exact answer) or the trained reward
 model. Both are always computed and kept in reward_info, so their agreement is tracked.
@@ -18,8 +20,9 @@ import pyarrow.parquet as pq
 import torch
 
 from stages.common import runtime
+from stages.common.critic import load_value_model, value_source
 from stages.common.models import load_causal_lm, load_reward_model, load_tokenizer, pack_right, token_logprobs
-from stages.common.rollouts import SCORED_SCHEMA, read_tables, write_table
+from stages.common.rollouts import PPO_SCORED_SCHEMA, SCORED_SCHEMA, read_tables, write_table
 from stages.common.runtime import BadInput, StageContext, log
 from stages.common.verifier import VERIFIERS
 
@@ -44,6 +47,20 @@ def score_rows(rows, ref_model, reward_model, pad_id, temperature, device):
     return ref_lps, rm_scores
 
 
+@torch.no_grad()
+def value_rows(rows, value_model, pad_id, device):
+    """V(state before each response token) for each row, from the value model of the round."""
+    values = []
+    for i in range(0, len(rows), BATCH):
+        chunk = rows[i : i + BATCH]
+        prompts = [r["prompt_token_ids"] for r in chunk]
+        responses = [r["response_token_ids"] for r in chunk]
+        ids, attn, _ = pack_right(prompts, responses, pad_id)
+        v = value_model(ids.to(device), attn.to(device)).cpu()
+        values += [v[j, len(p) : len(p) + len(r)].tolist() for j, (p, r) in enumerate(zip(prompts, responses))]
+    return values
+
+
 def run(ctx: StageContext) -> dict:
     rl = ctx.params["rl"]
     verify = VERIFIERS[ctx.params["verifier"]]
@@ -63,6 +80,12 @@ def run(ctx: StageContext) -> dict:
     ref_model = load_causal_lm(ref_dir, trust).to(ctx.device).eval()
     reward_model = load_reward_model(rm_dir, trust).to(ctx.device).eval()
     ref_lps, rm_scores = score_rows(rows, ref_model, reward_model, tokenizer.pad_token_id, rl["temperature"], ctx.device)
+    with_values = "value" in ctx.spec.inputs  # PPO: the flow passes the value model of the round
+    if with_values:
+        subdir, zero_head = value_source(ctx.input("value"))
+        value_model = load_value_model(ctx.fetch_dir("value", subdir), tokenizer.pad_token_id, zero_head, trust)
+        for row, v in zip(rows, value_rows(rows, value_model.to(ctx.device).eval(), tokenizer.pad_token_id, ctx.device)):
+            row["values"] = v
 
     for row, ref_lp, rm_score in zip(rows, ref_lps, rm_scores):
         verified = verify(row["response"], answers[row["prompt_id"]])
@@ -70,7 +93,7 @@ def run(ctx: StageContext) -> dict:
         row["reward_info"] = json.dumps({"verifier": verified, "reward_model": rm_score})
         row["ref_logprobs"] = ref_lp
     part = f"scored/part-{ctx.rank:05d}.parquet"
-    write_table(rows, ctx.out_path(part), SCORED_SCHEMA)
+    write_table(rows, ctx.out_path(part), PPO_SCORED_SCHEMA if with_values else SCORED_SCHEMA)
     ctx.save(part)
 
     # Reduce over ranks before rank 0 logs.
@@ -84,6 +107,9 @@ def run(ctx: StageContext) -> dict:
                "verifier_accuracy": n_correct / n, "rm_reward_mean": rm_sum / n,
                # how far the reward model scores verified-correct responses above wrong ones
                "rm_margin": rm_right / max(n_correct, 1) - rm_wrong / max(n_wrong, 1)}
+    if with_values:
+        v_sum, v_count = ctx.all_reduce_sum([sum(sum(r["values"]) for r in rows), sum(len(r["values"]) for r in rows)])
+        metrics["value_mean"] = v_sum / max(v_count, 1)
     if ctx.is_main:
         log(f"score round {ctx.params['round']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     return metrics

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -54,7 +55,7 @@ def stage_params(stage: str, cfg: PipelineConfig, round_idx: int | None) -> dict
         "generate": {"rl": sampling, "generate": c["generate"], "round": round_idx},
         "score": {"rl": {"reward": rl["reward"], "temperature": rl["temperature"]}, "verifier": verifier_name(cfg),
                   "round": round_idx},
-        "update": {"rl": rl, "engine": c["engine"], "round": round_idx},
+        "update": {"rl": {k: v for k, v in rl.items() if k != "rounds"}, "engine": c["engine"], "round": round_idx},
         "evaluate": {"evaluate": c["evaluate"], "verifier": verifier_name(cfg)},
     }
     return {"model": c["model"], "seed": cfg.seed, **by_stage[stage]}
@@ -109,10 +110,12 @@ def run_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, StageResult], t
                      tracking={"uri": tracking.uri, "run_id": run_id}, debug=debug or {})
     spec_uri = store.join(output, store.SPEC)
     store.write_json(spec_uri, spec.to_json(), opts)
-    cmd = torchrun_command(stage, spec_uri, cfg.launch.nproc_per_node, cfg.launch.python)
+    cmd = torchrun_command(stage, spec_uri, cfg.launch.nproc_per_node,
+                           cfg.launch.stage_python.get(stage, cfg.launch.python))
     logger.info("%s: launching %s", run_name, " ".join(cmd))
     try:
-        run_job(cmd, timeout_s=cfg.launch.timeout_s, log_line=logger.info, env=job_env(cfg.launch.nproc_per_node))
+        env = job_env(cfg.launch.nproc_per_node, {"ALIGNFLOW_STORAGE_OPTIONS": json.dumps(opts)})  # endpoint, never keys
+        run_job(cmd, timeout_s=cfg.launch.timeout_s, log_line=logger.info, env=env)
         artifact = store.read_artifact(output, opts)
     except BaseException:
         mlf.end_run(tracking, run_id, "FAILED")

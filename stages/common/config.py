@@ -44,8 +44,10 @@ class LaunchConfig(_Strict):
     timeout_s: float = Field(3600, gt=0)
     retries: int = Field(2, ge=0)
     retry_delay_s: float = Field(2.0, ge=0)
-    # Interpreter for stage jobs (a per-stage runtime image/venv); None: this interpreter.
+    # Interpreter for stage jobs; None: this interpreter. `stage_python` overrides it per stage
+    # (production images for generation and training often differ).
     python: str | None = None
+    stage_python: dict[str, str] = {}
 
 
 class TinyModelConfig(_Strict):
@@ -126,6 +128,7 @@ class SFTConfig(_Strict):
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     log_every: int = Field(20, ge=1)
+    save_every: int = Field(200, ge=1)  # resume state under {output}/_resume/
 
 
 class RewardModelConfig(_Strict):
@@ -135,15 +138,36 @@ class RewardModelConfig(_Strict):
     warmup_steps: int = Field(20, ge=0)
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     log_every: int = Field(20, ge=1)
+    save_every: int = Field(100, ge=1)  # resume state under {output}/_resume/
 
 
 class GenerateConfig(_Strict):
     backend: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM when CUDA and vLLM are present
-    batch_size: int = Field(512, ge=1)  # sequences per generate() call on one rank
+    batch_size: int = Field(512, ge=1)  # sequences per generate() call on one rank (hf)
+    # vLLM on GPU: 1 = data parallel (an engine per rank); N > 1 = tensor parallel over the
+    # job's ranks through vLLM's external_launcher (the job's world size must equal N).
+    tensor_parallel_size: int = Field(1, ge=1)
 
 
 class RLConfig(_Strict):
-    algorithm: Literal["grpo"] = "grpo"
+    """The RL rounds: sampling, the reward, the advantage estimator, the loss, the value model.
+
+    `algorithm` fills in its paper's `advantage`, `kl_mode`, `kl_estimator` and `loss_agg` for
+    the keys the YAML leaves out (a key in the YAML always wins):
+      ppo           InstructGPT-style RLHF (Ouyang et al. 2022; as in OpenRLHF/verl): GAE with a
+                    value model, a per-token k1 KL penalty in the reward, token-mean loss.
+      grpo          Shao et al. 2024: group-normalised outcome advantage, k3 KL as a loss term,
+                    mean over each response's tokens, then over responses.
+      dr_grpo       Liu et al. 2025 (Dr. GRPO): no std normalisation; each response's token sum
+                    over a constant normaliser (max_new_tokens) instead of its token mean.
+      rloo          Ahmadian et al. 2024: leave-one-out baseline; the response's k1 KL (summed over
+                    its tokens) subtracted from its reward; the response's log-prob summed.
+      reinforce_pp  Hu 2025 (REINFORCE++): per-token k1 KL penalty in the reward, discounted
+                    returns normalised over the whole batch, token-mean loss.
+    Only `ppo` trains a value model, and only its `gae` estimator uses one.
+    """
+
+    algorithm: Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
     rounds: int = Field(8, ge=0)
     reward: Literal["verifier", "reward_model"] = "verifier"
     prompts_per_round: int = Field(256, ge=1)
@@ -152,11 +176,62 @@ class RLConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(6, ge=1)
     lr: float = Field(3e-5, gt=0)
-    clip_eps: float = Field(0.2, gt=0)
-    kl_coef: float = Field(0.1, ge=0)
     epochs: int = Field(2, ge=1)
     minibatch_size: int = Field(256, ge=1)  # global sequences per optimizer step
+
+    # Advantage estimator (defaults from `algorithm`).
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
+    gamma: float = Field(1.0, ge=0, le=1)  # discount (gae, reinforce_pp)
+    lam: float = Field(0.95, ge=0, le=1)  # GAE lambda
+
+    # Policy loss: PPO clip, asymmetric as in DAPO when clip_eps_low/high are set.
+    clip_eps: float = Field(0.2, gt=0)
+    clip_eps_low: float | None = Field(None, gt=0, lt=1)  # None: clip_eps
+    clip_eps_high: float | None = Field(None, gt=0)  # None: clip_eps (DAPO "clip-higher": 0.28)
+    # seq_mean_token_mean: mean over each response's tokens, then over responses (GRPO);
+    # token_mean: mean over all tokens of the minibatch (DAPO, PPO);
+    # seq_mean_token_sum: each response's token sum / max_new_tokens, mean over responses (Dr. GRPO).
+    loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum"] = "seq_mean_token_mean"
+
+    # KL to the reference (the SFT policy).
+    kl_coef: float = Field(0.1, ge=0)
+    kl_mode: Literal["reward", "loss"] = "loss"  # a penalty in the reward, or a term of the loss
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # Schulman, "Approximating KL divergence" (2020)
+
+    # DAPO: dynamic sampling (drop groups whose rewards are all equal) and the soft overlong penalty
+    # min(0, -(len - (max_new_tokens - overlong_buffer)) / overlong_buffer * overlong_penalty).
     drop_equal_reward_groups: bool = True
+    overlong_buffer: int = Field(0, ge=0)  # 0: off
+    overlong_penalty: float = Field(1.0, ge=0)
+
+    # PPO's value model (critic), trained alongside the policy with a clipped value loss.
+    value_init: Literal["reward_model", "sft"] = "reward_model"
+    value_lr: float = Field(1e-4, gt=0)
+    value_clip_eps: float = Field(0.5, gt=0)  # as verl; in units of the reward
+
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_defaults(cls, data):
+        paper = {  # advantage, kl_mode, kl_estimator, loss_agg
+            "ppo": ("gae", "reward", "k1", "token_mean"),
+            "grpo": ("grpo", "loss", "k3", "seq_mean_token_mean"),
+            "dr_grpo": ("dr_grpo", "loss", "k3", "seq_mean_token_sum"),
+            "rloo": ("rloo", "reward", "k1", "seq_mean_token_sum"),
+            "reinforce_pp": ("reinforce_pp", "reward", "k1", "token_mean"),
+        }
+        if isinstance(data, dict) and data.get("algorithm", "grpo") in paper:
+            keys = ("advantage", "kl_mode", "kl_estimator", "loss_agg")
+            return {**dict(zip(keys, paper[data.get("algorithm", "grpo")])), **data}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if (self.advantage == "gae") != (self.algorithm == "ppo"):
+            raise ValueError("rl.advantage 'gae' needs the value model of rl.algorithm 'ppo', and ppo uses gae")
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ValueError(f"rl.overlong_buffer ({self.overlong_buffer}) must be below rl.max_new_tokens "
+                             f"({self.max_new_tokens})")
+        return self
 
 
 class EvaluateConfig(_Strict):

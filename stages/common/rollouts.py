@@ -1,7 +1,7 @@
 """The rollout table: one row per sampled response (DESIGN.md, 'Rollouts').
 
 Columns are added, never renamed. `generate` writes ROLLOUT_SCHEMA; `score` adds
-`ref_logprobs` (and `values` for PPO).
+`ref_logprobs` (SCORED_SCHEMA) and, for PPO, `values` (PPO_SCORED_SCHEMA).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ ROLLOUT_SCHEMA = pa.schema([
     ("policy_key", pa.string()),
 ])
 SCORED_SCHEMA = ROLLOUT_SCHEMA.append(pa.field("ref_logprobs", pa.list_(pa.float32())))
+# PPO: the value model's V(state before each response token), from the value model of the round.
+PPO_SCORED_SCHEMA = SCORED_SCHEMA.append(pa.field("values", pa.list_(pa.float32())))
 
 ROW_GROUP_ROWS = 4096  # small enough to stream, large enough to compress well
 

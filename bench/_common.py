@@ -1,0 +1,180 @@
+"""Shared by the bench scripts: machine facts, threads, tables, results, and our stages as real jobs.
+
+Our side of every comparison runs the way the pipeline runs it: a stage spec written to a
+store, `torchrun -m stages.<name> --spec URI` launched through `tasks.launch.run_job`, the
+stage's own figures read back from its manifest. Nothing here goes through Prefect or MLflow
+(the specs carry no tracking), so what is timed is the job and the stage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+# --- machine and threads -----------------------------------------------------------------
+
+def set_threads(threads: int) -> None:
+    """Same thread count for every side: this process's torch, and every child's OMP."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def machine() -> dict:
+    info = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
+                                  if ln.startswith("model name")), "?")
+        flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), [])
+        info["avx512"] = any(f.startswith("avx512f") for f in flags)
+        info["avx512_bf16"] = "avx512_bf16" in flags
+        info["amx"] = "amx_tile" in flags
+        info["mem_gib"] = round(int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
+                                         if ln.startswith("MemTotal"))) / 2**20, 1)
+        info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
+    except (OSError, StopIteration):
+        pass
+    try:
+        import torch
+        import transformers
+
+        info["torch"], info["transformers"] = torch.__version__, transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# --- output ---------------------------------------------------------------------------------
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "n/a"
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return "n/a" if v is None else str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2, default=str))
+    return path
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+# --- our stages as real jobs -------------------------------------------------------------
+
+def pipeline_config(overrides: dict | None = None, root: Path | None = None, pipeline: str | None = None):
+    """configs/tiny.yaml with `overrides` deep-merged in, storage under `root`."""
+    import yaml
+
+    from stages.common.config import parse_config
+
+    data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+
+    def merge(dst: dict, src: dict) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+
+    merge(data, overrides or {})
+    if root is not None:
+        data["storage"] = {"root": str(root)}
+    if pipeline:
+        data["pipeline"] = pipeline
+    return parse_config(data, "bench")
+
+
+class JobResult:
+    def __init__(self, artifact, wall_s: float, log: list[str]):
+        self.artifact, self.wall_s, self.log = artifact, wall_s, log
+
+    @property
+    def metrics(self) -> dict:
+        return self.artifact.metrics
+
+    @property
+    def uri(self) -> str:
+        return self.artifact.uri
+
+
+def run_stage_job(stage: str, cfg, inputs: dict[str, "JobResult"], *, round_idx: int | None = None,
+                  nproc: int = 1, threads: int = 1, wrap: list[str] | None = None, quiet: bool = True,
+                  extra_env: dict | None = None) -> JobResult:
+    """One stage as the pipeline's task launches it (minus Prefect/MLflow): key, spec, torchrun job,
+    manifest. Returns the artifact and the job's wall time (process start to exit)."""
+    from stages.common import store
+    from stages.common.runtime import StageSpec
+    from tasks.launch import job_env, run_job, torchrun_command
+    from tasks.stage import stage_params
+
+    params = stage_params(stage, cfg, round_idx)
+    code = store.code_version(stage)
+    key = store.compute_key(stage, params, {n: r.artifact.digest for n, r in inputs.items()}, code)
+    output = store.stage_output_uri(cfg.storage_root(), cfg.pipeline, stage, key)
+    store.remove_manifest(output)
+    spec = StageSpec(stage=stage, key=key, pipeline=cfg.pipeline, inputs={n: r.uri for n, r in inputs.items()},
+                     output=output, params=params, code_version=code, storage_options={}, tracking={})
+    spec_uri = store.join(output, store.SPEC)
+    store.write_json(spec_uri, spec.to_json())
+    cmd = (wrap or []) + torchrun_command(stage, spec_uri, nproc)
+    env = job_env(nproc, {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(extra_env or {})})
+    log: list[str] = []
+
+    def log_line(line: str) -> None:
+        log.append(line)
+        if not quiet:
+            print(f"    [{stage}] {line}", flush=True)
+
+    started = time.perf_counter()
+    run_job(cmd, timeout_s=1800, log_line=log_line, env=env)
+    wall = time.perf_counter() - started
+    return JobResult(store.read_artifact(output), wall, log)
+
+
+def fetch_checkpoint(job: JobResult, dest: Path, prefix: str = "checkpoint") -> Path:
+    from stages.common import store
+
+    return store.download_dir(job.artifact, prefix, dest)
+
+
+def store_download(job: JobResult, relpath: str, dest: Path) -> Path:
+    from stages.common import store
+
+    return store.download(job.artifact, relpath, dest)
+
+
+def run_subprocess_json(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
+    """Run a helper that prints one JSON line last; returns it."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
