@@ -15,31 +15,13 @@ import pytest
 import torch
 
 from stages.common.config import RLConfig
+from tests.rl_batches import packed_batch, rand, response
 from stages.common.losses import (discounted_returns, dr_grpo_advantages, explained_variance, gae_advantages,
                                   group_advantages, masked_whiten, overlong_penalty, rloo_advantages,
                                   token_level_rewards)
 from stages.update import round_advantages
 
 APPROX = dict(rel=1e-5, abs=1e-5)
-
-
-def packed_batch(seed: int, rows: int = 8, max_prompt: int = 5, max_response: int = 7):
-    rng = random.Random(seed)
-    spans = [(rng.randint(1, max_prompt), rng.randint(1, max_response)) for _ in range(rows)]
-    width = max(p + n for p, n in spans) + 2
-    mask = torch.zeros(rows, width)
-    for i, (p, n) in enumerate(spans):
-        mask[i, p : p + n] = 1
-    return spans, mask
-
-
-def rand(shape, seed, scale=1.0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
-
-
-def response(x: torch.Tensor, i: int, span) -> list[float]:
-    p, n = span
-    return x[i, p : p + n].tolist()
 
 
 # --- references: one response at a time --------------------------------------------------------

@@ -7,35 +7,15 @@ variable prompt and response lengths, and garbage (not zeros) outside the respon
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 
+from tests.rl_batches import packed_batch, rand, response
 from stages.common.losses import (aggregate_loss, bradley_terry_loss, clipped_policy_loss, clipped_value_loss,
                                   grpo_loss, kl_estimate)
 
 TOL = dict(rel=1e-5, abs=1e-6)
-
-
-def packed_batch(seed: int, rows: int = 7, max_prompt: int = 5, max_response: int = 6):
-    """(spans, mask): spans[i] = (start, length) of row i's response; mask [rows, T] marks them."""
-    rng = random.Random(seed)
-    spans = [(rng.randint(1, max_prompt), rng.randint(1, max_response)) for _ in range(rows)]
-    width = max(p + n for p, n in spans) + 2  # every row has some right padding
-    mask = torch.zeros(rows, width)
-    for i, (p, n) in enumerate(spans):
-        mask[i, p : p + n] = 1
-    return spans, mask
-
-
-def rand(shape, seed, scale=1.0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
-
-
-def response(x: torch.Tensor, i: int, span) -> list[float]:
-    p, n = span
-    return x[i, p : p + n].tolist()
 
 
 # --- references -------------------------------------------------------------------------------
