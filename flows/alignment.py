@@ -1,8 +1,8 @@
 """The nightly alignment run.
 
     data_prep -> sft -> reward_model -> evaluate(sft)
-              -> rounds of: generate(policy r) -> score -> update (GRPO) = policy r+1
-              -> evaluate(policy) -> register the policy in MLflow
+              -> rounds of: generate(policy r) -> score -> update (rl.algorithm) = policy r+1
+              -> evaluate(policy) -> register the policy in MLflow -> promote it if it beats the champion
 
 Every stage is a retriable task that skips itself when its output already exists, so a
 retry (from the Prefect UI or by hand) redoes only what failed and what follows it.
@@ -15,6 +15,7 @@ import time
 from prefect import flow, get_run_logger, task
 from prefect.context import get_run_context
 
+from flows.promote import promote_policy
 from stages.common.config import load_config
 from stages.data_prep import check_local_source
 from tasks import tracking as mlf
@@ -72,6 +73,8 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
             "reward_model_key": reward_model.artifact.manifest["key"], "rounds": str(rounds),
             "eval_accuracy": str(policy_eval.metrics["accuracy"]),
         })
+        # The champion alias moves only if tonight's policy beats it on the same held-out set.
+        promotion = promote_policy(cfg, tracking, version, policy=policy, data=data, reward_model=reward_model)
     except BaseException:
         mlf.end_run(tracking, tracking.parent_run_id, "FAILED")
         raise
@@ -90,6 +93,9 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
         "mlflow_run_id": tracking.parent_run_id,
         "registered_model": model_name,
         "model_version": version,
+        "promotion": promotion["decision"],
+        "promotion_reason": promotion["reason"],
+        "champion_version": promotion["champion_after"],
         "stages_launched": sum(r.launched for r in history),
         "stages_skipped": sum(not r.launched for r in history),
         "stage_compute_seconds": round(sum(r.metrics.get("stage_seconds", 0.0) for r in history if r.launched), 2),

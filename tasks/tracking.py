@@ -106,5 +106,38 @@ def register_policy(cfg: PipelineConfig, tracking: Tracking, policy: store.Artif
     for mv in c.search_model_versions(f"name = '{name}'"):
         if mv.source == source:
             return name, str(mv.version)
-    mv = c.create_model_version(name, source=source, run_id=tracking.parent_run_id, tags=lineage)
+    tags = {**artifact_lineage(policy, cfg.storage_options()), **lineage}
+    mv = c.create_model_version(name, source=source, run_id=tracking.parent_run_id, tags=tags)
     return name, str(mv.version)
+
+
+def artifact_lineage(policy: store.Artifact, storage_options: dict | None = None) -> dict[str, str]:
+    """A policy's lineage from its manifests' inputs: the keys of every stage it descends from (in
+    round order), and the URI and digest of its parents (data, SFT, reward model)."""
+    tags = {"policy_uri": policy.uri, "policy_digest": policy.digest}
+    rnd = (policy.manifest.get("params") or {}).get("round")
+    found = {policy.manifest["stage"]: [(-1 if rnd is None else rnd, policy.manifest["key"], policy.uri,
+                                         policy.digest)]}
+    seen, todo = {policy.uri}, [policy.manifest]
+    while todo:
+        manifest = todo.pop()
+        for ref in manifest.get("inputs", {}).values():
+            if ref["uri"] in seen:
+                continue
+            seen.add(ref["uri"])
+            try:
+                parent = store.read_json(store.join(ref["uri"], store.MANIFEST), storage_options)
+            except Exception:  # lineage is best effort: registration never fails on it
+                continue
+            rnd = (parent.get("params") or {}).get("round")
+            found.setdefault(parent["stage"], []).append((-1 if rnd is None else rnd, parent["key"], ref["uri"],
+                                                          ref["digest"]))
+            todo.append(parent)
+    for stage, entries in found.items():
+        entries.sort()
+        tags[f"lineage.{stage}"] = ",".join(key for _, key, _, _ in entries)
+    for stage, prefix in (("data_prep", "data"), ("sft", "sft"), ("reward_model", "reward_model")):
+        if len(found.get(stage, [])) == 1:
+            _, _, uri, digest = found[stage][0]
+            tags[f"{prefix}_uri"], tags[f"{prefix}_digest"] = uri, digest
+    return tags

@@ -102,6 +102,7 @@ def test_mlflow_runs_and_registry(s3_pipeline):
     assert len(client.get_metric_history(sft.info.run_id, "loss")) >= 2  # a curve, logged by rank 0
     update = [r for r in children if r.info.run_name == "update[0]"][0]
     assert {"kl", "clip_frac", "ratio_dev_first"} <= update.data.metrics.keys()
+    assert update.data.metrics["optimizer_steps"] > 0
     assert update.data.metrics["ratio_dev_first"] < 1e-4  # the first minibatch is on-policy
 
     mv = client.get_model_version(s["registered_model"], s["model_version"])
@@ -127,3 +128,14 @@ def test_rerun_launches_nothing(s3_pipeline):
     assert second["policy_checkpoint_uri"] == first["policy_checkpoint_uri"]
     assert second["policy_accuracy"] == first["policy_accuracy"]
     assert second["model_version"] == first["model_version"]  # registered once per checkpoint
+    assert second["champion_version"] == first["model_version"]  # still the champion, nothing moved
+
+
+def test_first_policy_becomes_champion(s3_pipeline):
+    s = s3_pipeline["first"]
+    assert s["promotion"] == "accepted" and s["champion_version"] == s["model_version"]
+    client = MlflowClient(s3_pipeline["config"]["tracking"]["uri"])
+    champion = client.get_model_version_by_alias(s["registered_model"], "champion")
+    assert str(champion.version) == s["model_version"]
+    assert champion.tags["promotion"] == "accepted"
+    assert champion.tags["lineage.update"]  # traceable back through its rounds
