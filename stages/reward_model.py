@@ -19,7 +19,7 @@ import torch
 from stages.common import runtime
 from stages.common.engine import full_parameters, make_engine
 from stages.common.losses import bradley_terry_loss
-from stages.common.resume import Resumer
+from stages.common.resume import Resumer, Trained
 from stages.common.models import encode_prompts, encode_responses, load_reward_model, load_tokenizer, pack_right, save_checkpoint
 from stages.common.runtime import BadInput, StageContext, log
 
@@ -57,7 +57,8 @@ def run(ctx: StageContext) -> dict:
                                        warmup_steps=cfg["warmup_steps"], total_steps=cfg["steps"], device=ctx.device)
     engine.train()
     gen = torch.Generator().manual_seed(ctx.params["seed"])
-    start_step = resumer.restore(engine, scheduler, gen)
+    trained = {"model": Trained(engine, scheduler, lambda m, d: save_checkpoint(m, tokenizer, d))}
+    start_step = resumer.restore(trained, gen)
     started, loss_sum, acc_sum, last = time.time(), 0.0, 0.0, (float("nan"), float("nan"))
     for step in range(start_step, cfg["steps"]):
         batch = torch.randint(len(train_pairs), (cfg["batch_size"],), generator=gen).tolist()
@@ -77,7 +78,7 @@ def run(ctx: StageContext) -> dict:
                 log(f"reward_model step {step + 1}/{cfg['steps']} loss {loss_avg:.4f} acc {acc_avg:.3f}")
             last = (loss_avg, acc_avg)
             loss_sum, acc_sum = 0.0, 0.0
-        resumer.maybe_save(step + 1, engine, scheduler, gen, lambda m, d: save_checkpoint(m, tokenizer, d))
+        resumer.maybe_save(step + 1, trained, gen)
 
     engine.eval()
     mine = [eval_pairs[i] for i in ctx.shard(len(eval_pairs))]

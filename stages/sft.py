@@ -21,7 +21,7 @@ import torch
 
 from stages.common import runtime
 from stages.common.engine import full_parameters, make_engine
-from stages.common.resume import Resumer
+from stages.common.resume import Resumer, Trained
 from stages.common.models import (build_tiny_model, encode_prompts, encode_responses, load_causal_lm,
                                   load_tokenizer, pack_right, save_checkpoint)
 from stages.common.runtime import BadInput, StageContext, log
@@ -56,7 +56,8 @@ def run(ctx: StageContext) -> dict:
                                        total_steps=cfg["steps"], device=ctx.device)
     engine.train()
     gen = torch.Generator().manual_seed(ctx.params["seed"])
-    start_step = resumer.restore(engine, scheduler, gen)
+    trained = {"model": Trained(engine, scheduler, lambda m, d: save_checkpoint(m, tokenizer, d))}
+    start_step = resumer.restore(trained, gen)
     tokens_seen, loss_sum, started, last_loss = 0, 0.0, time.time(), float("nan")
     for step in range(start_step, cfg["steps"]):
         batch = torch.randint(len(table), (cfg["batch_size"],), generator=gen).tolist()
@@ -80,7 +81,7 @@ def run(ctx: StageContext) -> dict:
             if ctx.is_main:
                 log(f"sft step {step + 1}/{cfg['steps']} loss {mean_loss:.4f}")
             last_loss, loss_sum = mean_loss, 0.0
-        resumer.maybe_save(step + 1, engine, scheduler, gen, lambda m, d: save_checkpoint(m, tokenizer, d))
+        resumer.maybe_save(step + 1, trained, gen)
 
     elapsed = time.time() - started
     total_tokens = ctx.all_reduce_sum([tokens_seen])[0]

@@ -7,6 +7,10 @@ Metrics  loss, kl, clip_frac, ratio_dev_first, advantage_abs_mean, reward_mean, 
          groups_dropped, tokens_per_s; PPO: value_loss, value_clip_frac, value_dev_first,
          explained_variance
 
+Every `rl.save_every` optimizer steps (counted over all epochs) the policy, the value model and
+their optimizer states go to {output}/_resume/ (stages/common/resume.py), so a killed job resumes
+there; its mean metrics then cover the steps after the resume.
+
 `rl.algorithm` picks the estimator and the paper defaults of the switches (RLConfig); every
 step of every algorithm is here:
   1. reward = the score's reward of record + DAPO's soft overlong penalty (rl.overlong_buffer);
@@ -46,6 +50,7 @@ from stages.common.losses import (aggregate_loss, clipped_policy_loss, clipped_v
                                   token_level_rewards)
 from stages.common.models import load_causal_lm, load_tokenizer, pack_right, save_checkpoint, token_logprobs
 from stages.common.rollouts import PPO_SCORED_SCHEMA, SCORED_SCHEMA, read_tables
+from stages.common.resume import Resumer, Trained
 from stages.common.runtime import BadInput, StageContext, log
 
 
@@ -136,26 +141,36 @@ def run(ctx: StageContext) -> dict:
     if rl["minibatch_size"] % ctx.world_size:
         raise BadInput(f"rl.minibatch_size={rl['minibatch_size']} is not divisible by {ctx.world_size} ranks")
     micro = rl["minibatch_size"] // ctx.world_size
-    policy, _, _ = make_engine(load_causal_lm(policy_dir, trust), ctx.params["engine"], lr=rl["lr"],
-                               micro_batch=micro, device=ctx.device)
+    # Every rank needs at least one sample per minibatch; a round with no signal leaves the policy as it was.
+    n_minibatches = max(1, len(samples) // rl["minibatch_size"]) if len(samples) >= ctx.world_size else 0
+    resumer = Resumer(ctx, rl["save_every"], rl["epochs"] * n_minibatches)  # a killed attempt may have left state
+    policy_model = load_causal_lm(resumer.model_dir("model") or policy_dir, trust)
+    policy, _, policy_sched = make_engine(policy_model, ctx.params["engine"], lr=rl["lr"], micro_batch=micro,
+                                          device=ctx.device)
     policy.train()
+    trained = {"model": Trained(policy, policy_sched, lambda m, d: save_checkpoint(m, tokenizer, d))}
     critic = None
     if ppo:
         subdir, zero_head = value_source(ctx.input("value"))
-        value_model = load_value_model(ctx.fetch_dir("value", subdir), tokenizer.pad_token_id, zero_head, trust)
-        critic, _, _ = make_engine(value_model, ctx.params["engine"], lr=rl["value_lr"], micro_batch=micro,
-                                   device=ctx.device)
+        value_dir = resumer.model_dir("value")
+        value_model = load_value_model(value_dir or ctx.fetch_dir("value", subdir), tokenizer.pad_token_id,
+                                       zero_head and value_dir is None, trust)
+        critic, _, critic_sched = make_engine(value_model, ctx.params["engine"], lr=rl["value_lr"],
+                                              micro_batch=micro, device=ctx.device)
         critic.train()
+        trained["value"] = Trained(critic, critic_sched, lambda m, d: save_checkpoint(m.classifier, tokenizer, d))
     clip_low = rl["clip_eps"] if rl["clip_eps_low"] is None else rl["clip_eps_low"]
     clip_high = rl["clip_eps"] if rl["clip_eps_high"] is None else rl["clip_eps_high"]
 
+    # Each epoch's minibatch order is drawn from `gen`. The resume state keeps the generator as it
+    # was before the order of the epoch in progress was drawn, so a resumed job redraws that order.
     gen = torch.Generator().manual_seed(ctx.params["seed"] * 7919 + ctx.params["round"])
-    # Every rank needs at least one sample per minibatch; a round with no signal leaves the policy as it was.
-    n_minibatches = max(1, len(samples) // rl["minibatch_size"]) if len(samples) >= ctx.world_size else 0
-    stats_log, first, tokens, started, step = [], {}, 0, time.time(), 0
-    for epoch in range(rl["epochs"] if n_minibatches else 0):
+    step = resumer.restore(trained, gen)  # optimizer steps done, counted over all epochs
+    stats_log, first, tokens, started = [], {}, 0, time.time()
+    for epoch in range(step // n_minibatches if n_minibatches else 0, rl["epochs"] if n_minibatches else 0):
+        epoch_gen = torch.Generator().set_state(gen.get_state())
         order = torch.randperm(len(samples), generator=gen)
-        for mb in torch.tensor_split(order, n_minibatches):
+        for mb in torch.tensor_split(order, n_minibatches)[step - epoch * n_minibatches:]:
             batch = [samples[i] for i in mb.tolist()]
             mine = batch[ctx.rank :: ctx.world_size]
             # Divisors of the whole minibatch / ranks: the ranks' averaged gradients are the minibatch's.
@@ -201,9 +216,12 @@ def run(ctx: StageContext) -> dict:
             tokens += int(mask.sum())
             step += 1
             stats = dict(zip(stats, (v / ctx.world_size for v in ctx.all_reduce_sum(list(stats.values())))))
-            first = first or {f"{k}_first": stats[k] for k in ("ratio_dev", "value_dev") if k in stats}
+            if step == 1:  # measured on the first minibatch only (a resumed job does not see it)
+                first = {f"{k}_first": stats[k] for k in ("ratio_dev", "value_dev") if k in stats}
             stats_log.append(stats)
             ctx.log_metrics(stats, step=step)
+            # After an epoch's last minibatch, `gen` is already where the next epoch draws from.
+            resumer.maybe_save(step, trained, gen if step % n_minibatches == 0 else epoch_gen)
     elapsed = time.time() - started
 
     with full_parameters(policy) as full_model:

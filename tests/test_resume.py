@@ -5,6 +5,10 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
 
 from stages.common import store
 from stages.common.config import parse_config
@@ -14,10 +18,12 @@ from tasks.stage import stage_params
 from tests.conftest import small_config
 
 
-def write_spec(cfg, stage: str, name: str, inputs: dict[str, str]) -> str:
+def write_spec(cfg, stage: str, name: str, inputs: dict[str, str], round_idx: int | None = None,
+               debug: dict | None = None) -> str:
     out = store.join(cfg.storage_root(), cfg.pipeline, stage, name)
     spec = StageSpec(stage=stage, key=name, pipeline=cfg.pipeline, inputs=inputs, output=out,
-                     params=stage_params(stage, cfg, None), code_version=store.code_version(stage))
+                     params=stage_params(stage, cfg, round_idx), code_version=store.code_version(stage),
+                     debug=debug or {})
     store.write_json(store.join(out, store.SPEC), spec.to_json())
     return store.join(out, store.SPEC)
 
@@ -58,3 +64,97 @@ def test_sigkilled_sft_resumes_from_last_save(tmp_path):
     resumed = store.read_artifact(store.join(cfg.storage_root(), cfg.pipeline, "sft", "killed"))
     assert not (out_dir / "_resume").exists()  # cleaned once the output is complete
     assert resumed.file("checkpoint/model.safetensors").sha256 == whole.file("checkpoint/model.safetensors").sha256
+
+
+# --- update and generate: the inputs come from real jobs of the stages before them ----------------
+
+RL_OVERRIDES = {"rl.algorithm": "ppo", "rl.reward": "reward_model", "rl.prompts_per_round": 16,
+                "rl.samples_per_prompt": 4, "rl.epochs": 2, "rl.minibatch_size": 4, "rl.save_every": 2,
+                "generate.backend": "hf", "generate.chunk_prompts": 2}
+
+
+def run_stage(cfg, stage: str, name: str, inputs: dict[str, str], logs: list[str], **spec_kw) -> str:
+    run_job(torchrun_command(stage, write_spec(cfg, stage, name, inputs, **spec_kw), 2), timeout_s=300,
+            log_line=logs.append, env=job_env(2))
+    return store.join(cfg.storage_root(), cfg.pipeline, stage, name)
+
+
+def kill_once(cfg, stage: str, name: str, inputs: dict[str, str], ready: str, **spec_kw):
+    """Launch a job and SIGKILL its whole process tree once `ready` (under its output) exists."""
+    spec = write_spec(cfg, stage, name, inputs, **spec_kw)
+    out_dir = Path(cfg.storage.root) / cfg.pipeline / stage / name
+    proc = subprocess.Popen(torchrun_command(stage, spec, 2), cwd=PROJECT_ROOT, env=job_env(2),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out_dir / ready).exists():
+        assert proc.poll() is None, f"the {stage} job ended before {ready} existed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    kill_tree(proc.pid, first_signal=signal.SIGKILL)
+    proc.wait()
+    assert not (out_dir / store.MANIFEST).exists()  # killed: no output exists
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def rl_inputs(tmp_path_factory):
+    """data_prep, sft and reward_model outputs of the small config (PPO, reward model's reward)."""
+    cfg = parse_config(small_config(tmp_path_factory.mktemp("rl"), **RL_OVERRIDES))
+    logs: list[str] = []
+    data = run_stage(cfg, "data_prep", "d", {}, logs)
+    sft = run_stage(cfg, "sft", "s", {"data": data}, logs)
+    rm = run_stage(cfg, "reward_model", "rm", {"data": data, "sft": sft}, logs)
+    return cfg, {"data": data, "sft": sft, "reward_model": rm}
+
+
+def rollout_rows(uri: str) -> tuple[list[str], list[dict]]:
+    art = store.read_artifact(uri)
+    files = [f.path for f in art.files_under("rollouts")]
+    _, base = store.filesystem(uri)
+    return files, [row for f in files for row in pq.read_table(str(Path(base) / f)).to_pylist()]
+
+
+def test_sigkilled_generate_skips_uploaded_chunks(rl_inputs):
+    cfg, up = rl_inputs
+    inputs, logs = {"policy": up["sft"], "data": up["data"]}, []
+    whole = run_stage(cfg, "generate", "whole", inputs, logs, round_idx=0)
+
+    out_dir = kill_once(cfg, "generate", "killed", inputs, "_resume/generate-rank0.json", round_idx=0,
+                        debug={"pause_after_chunk_s": 3})
+    recorded = json.loads((out_dir / "_resume" / "generate-rank0.json").read_text())["chunks"]
+    assert 1 <= len(recorded) < 4  # 8 prompts per rank, 2 per chunk
+
+    relaunch: list[str] = []
+    resumed = run_stage(cfg, "generate", "killed", inputs, relaunch, round_idx=0)
+    for chunk in recorded:
+        assert any(f"({chunk['path']}) was completed by an earlier attempt: skipped" in line for line in relaunch), \
+            "\n".join(relaunch)
+    assert not (out_dir / "_resume").exists()
+    files, rows = rollout_rows(resumed)
+    assert files == [f"rollouts/part-{r:05d}-{c:05d}.parquet" for r in range(2) for c in range(4)]
+    assert (files, rows) == rollout_rows(whole)
+
+
+def test_sigkilled_ppo_update_resumes_from_last_save(rl_inputs):
+    cfg, up = rl_inputs
+    logs: list[str] = []
+    value = {"value": up["reward_model"]}
+    rollouts = run_stage(cfg, "generate", "g", {"policy": up["sft"], "data": up["data"]}, logs, round_idx=0)
+    scored = run_stage(cfg, "score", "s", {"rollouts": rollouts, "reference": up["sft"], "data": up["data"],
+                                           "reward_model": up["reward_model"], **value}, logs, round_idx=0)
+    inputs = {"policy": up["sft"], "scored": scored, **value}
+    whole = store.read_artifact(run_stage(cfg, "update", "whole", inputs, logs, round_idx=0))
+    total = whole.metrics["optimizer_steps"]
+    assert total == 2 * 64 // 4  # rewards of the reward model differ: no group dropped
+
+    out_dir = kill_once(cfg, "update", "killed", inputs, "_resume/latest.json", round_idx=0)
+    saved_step = json.loads((out_dir / "_resume" / "latest.json").read_text())["step"]
+    assert 2 <= saved_step < total
+
+    relaunch: list[str] = []
+    resumed = store.read_artifact(run_stage(cfg, "update", "killed", inputs, relaunch, round_idx=0))
+    assert any(f"resumed from step {saved_step}" in line for line in relaunch), "\n".join(relaunch)
+    assert not (out_dir / "_resume").exists()
+    assert resumed.metrics["optimizer_steps"] == total
+    for f in ("checkpoint/model.safetensors", "value/model.safetensors"):  # policy and value model
+        assert resumed.file(f).sha256 == whole.file(f).sha256, f

@@ -147,6 +147,7 @@ class GenerateConfig(_Strict):
     # vLLM on GPU: 1 = data parallel (an engine per rank); N > 1 = tensor parallel over the
     # job's ranks through vLLM's external_launcher (the job's world size must equal N).
     tensor_parallel_size: int = Field(1, ge=1)
+    chunk_prompts: int = Field(64, ge=1)  # prompts per rollout file; a killed job redoes at most one chunk per rank
 
 
 class RLConfig(_Strict):
@@ -178,6 +179,7 @@ class RLConfig(_Strict):
     lr: float = Field(3e-5, gt=0)
     epochs: int = Field(2, ge=1)
     minibatch_size: int = Field(256, ge=1)  # global sequences per optimizer step
+    save_every: int = Field(50, ge=1)  # update's optimizer steps between resume states (under {output}/_resume/)
 
     # Advantage estimator (defaults from `algorithm`).
     advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"

@@ -1,9 +1,14 @@
 """Resume state for long training stages: a killed job loses at most `save_every` steps.
 
-    {output}/_resume/model/...            full weights, HF safetensors dir (rank 0)
-    {output}/_resume/optim-rank{r}.safetensors   the rank's AdamW state (its ZeRO partition)
-    {output}/_resume/latest.json          written last: step, world size, scheduler, files + hashes
+    {output}/_resume/{name}/...                 full weights of each trained model `name`,
+                                                HF safetensors dir (rank 0)
+    {output}/_resume/optim-rank{r}.safetensors  the rank's AdamW state of every model (its ZeRO
+                                                partition) and the sampler's generator state
+    {output}/_resume/latest.json                written last: step, world size, schedulers,
+                                                files + hashes
 
+A stage names the models it trains, e.g. {"model": Trained(engine, scheduler, save)} (sft)
+or {"model": ..., "value": ...} (PPO's update: policy and value model).
 Everything is safetensors or JSON: no pickle is loaded from storage. Under ZeRO the
 optimizer's fp32 partitions are rebuilt from the saved weights at engine start (exact in
 fp32), then the AdamW moments of this rank's partition are restored, so an interrupted run
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from typing import Callable, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,6 +28,16 @@ from . import store
 from .runtime import StageContext, log
 
 PREFIX = "_resume"
+GENERATOR_KEY = "__generator__"
+
+
+class Trained(NamedTuple):
+    """One model a stage trains: its DeepSpeed engine, LR scheduler, and how to save its weights
+    (`save_model(module, directory)`, in a form the stage can load back before wrapping it)."""
+
+    engine: object
+    scheduler: object
+    save_model: Callable
 
 
 def _base_optimizer(engine):
@@ -30,20 +46,22 @@ def _base_optimizer(engine):
     return getattr(opt, "optimizer", opt)
 
 
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], list]:
+def _flatten_optimizer(state: dict, name: str) -> tuple[dict[str, torch.Tensor], list]:
     tensors = {}
     for idx, entries in state["state"].items():
-        for name, value in entries.items():
-            tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu() if torch.is_tensor(value) \
+        for field, value in entries.items():
+            tensors[f"{name}/{idx}.{field}"] = value.detach().contiguous().cpu() if torch.is_tensor(value) \
                 else torch.tensor(value)
     return tensors, state["param_groups"]
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], name: str, param_groups: list) -> dict:
     state: dict[int, dict] = {}
     for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        owner, rest = key.split("/", 1)
+        if owner == name:
+            idx, field = rest.split(".", 1)
+            state.setdefault(int(idx), {})[field] = value
     return {"state": state, "param_groups": param_groups}
 
 
@@ -82,47 +100,52 @@ class Resumer:
             raise store.ArtifactError(f"{store.join(self.uri, relpath)}: resume file does not match its hash")
         return local
 
-    def model_dir(self):
-        """Weights to start from (before the engine wraps the model), or None."""
+    def model_dir(self, name: str = "model"):
+        """Saved weights of model `name` to start from (before the engine wraps it), or None."""
         if not self.latest:
             return None
         for f in self.latest["files"]:
-            if f["path"].startswith("model/"):
+            if f["path"].startswith(f"{name}/"):
                 self._fetch(f["path"])
-        return self.ctx.workdir / "resume-in" / "model"
+        return self.ctx.workdir / "resume-in" / name
 
-    def restore(self, engine, scheduler, generator: torch.Generator) -> int:
+    def restore(self, trained: dict[str, Trained], generator: torch.Generator) -> int:
         """Load optimizer, scheduler and sampler state; returns the step to continue from."""
         if not self.latest:
             return 0
         tensors = load_file(str(self._fetch(f"optim-rank{self.ctx.rank}.safetensors")))
-        generator.set_state(tensors.pop("__generator__"))
-        _base_optimizer(engine).load_state_dict(_unflatten_optimizer(tensors, self.latest["param_groups"][self.ctx.rank]))
-        scheduler.load_state_dict(self.latest["scheduler"])
+        generator.set_state(tensors.pop(GENERATOR_KEY))
+        groups = self.latest["param_groups"][self.ctx.rank]
+        for name, t in trained.items():
+            _base_optimizer(t.engine).load_state_dict(_unflatten_optimizer(tensors, name, groups[name]))
+            t.scheduler.load_state_dict(self.latest["schedulers"][name])
         log(f"resumed from step {self.latest['step']} ({self.uri})")
         return self.latest["step"]
 
-    def maybe_save(self, step: int, engine, scheduler, generator: torch.Generator, save_model) -> None:
+    def maybe_save(self, step: int, trained: dict[str, Trained], generator: torch.Generator) -> None:
         """After `step` steps: save every `save_every` (not at the end: the output follows)."""
         if step % self.save_every or step == 0 or step >= self.total_steps:
             return
         from .engine import full_parameters
 
-        files = []
-        tensors, groups = _flatten_optimizer(_base_optimizer(engine).state_dict())
-        tensors["__generator__"] = generator.get_state()
+        files, tensors, groups = [], {GENERATOR_KEY: generator.get_state()}, {}
+        for name, t in trained.items():
+            model_tensors, groups[name] = _flatten_optimizer(_base_optimizer(t.engine).state_dict(), name)
+            tensors.update(model_tensors)
         local = self.ctx.workdir / "resume-out" / f"optim-rank{self.ctx.rank}.safetensors"
         local.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(local))
         files.append(store.upload(local, self.uri, local.name, self.opts))
-        with full_parameters(engine) as model:
-            if self.ctx.is_main:
-                model_dir = self.ctx.workdir / "resume-out" / "model"
-                save_model(model, model_dir)
-                files += store.upload_dir(model_dir, self.uri, "model", self.opts)
+        for name, t in trained.items():
+            with full_parameters(t.engine) as model:
+                if self.ctx.is_main:
+                    model_dir = self.ctx.workdir / "resume-out" / name
+                    t.save_model(model, model_dir)
+                    files += store.upload_dir(model_dir, self.uri, name, self.opts)
         gathered = self.ctx.all_gather({"files": [f.__dict__ for f in files], "groups": groups})
         if self.ctx.is_main:
-            latest = {"step": step, "world_size": self.ctx.world_size, "scheduler": scheduler.state_dict(),
+            latest = {"step": step, "world_size": self.ctx.world_size,
+                      "schedulers": {name: t.scheduler.state_dict() for name, t in trained.items()},
                       "param_groups": [g["groups"] for g in gathered],
                       "files": [f for g in gathered for f in g["files"]]}
             store.write_json(store.join(self.uri, "latest.json"), latest, self.opts)
