@@ -21,7 +21,8 @@ def _stage_runs(cfg_path: str, parent_run_id: str) -> list[tuple[str, str, str]]
     runs = c.search_runs([c.get_run(parent_run_id).info.experiment_id],
                          filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                          order_by=["attributes.start_time ASC"])
-    return [(r.info.run_name, r.data.tags["alignflow.cached"], r.info.status) for r in runs]
+    return [(r.info.run_name, r.data.tags["alignflow.cached"], r.info.status) for r in runs
+            if "alignflow.cached" in r.data.tags]  # stage runs, not the promotion run nested here too
 
 
 def test_nightly_schedule_and_ui_retry_redo_only_what_failed(tmp_path):
