@@ -22,8 +22,12 @@ RESULTS = REPO / "bench" / "results"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-
 # --- machine and threads -----------------------------------------------------------------
+
+try:
+    LOADAVG_AT_START = Path("/proc/loadavg").read_text().split()[:3]
+except OSError:
+    LOADAVG_AT_START = None
 
 def set_threads(threads: int) -> None:
     """Same thread count for every side: this process's torch, and every child's OMP."""
@@ -47,7 +51,8 @@ def machine() -> dict:
         info["amx"] = "amx_tile" in flags
         info["mem_gib"] = round(int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
                                          if ln.startswith("MemTotal"))) / 2**20, 1)
-        info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
+        info["loadavg_at_start"] = LOADAVG_AT_START
+        info["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
     except (OSError, StopIteration):
         pass
     try:
@@ -79,8 +84,11 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 def write_results(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    m = machine()
+    print(f"\nmachine: {m.get('cpu_model')}, {m.get('cpus')} cpus, load average at start "
+          f"{m.get('loadavg_at_start')}, at end {m.get('loadavg_at_end')}")
     path = RESULTS / f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2, default=str))
+    path.write_text(json.dumps({"benchmark": name, "machine": m, **payload}, indent=2, default=str))
     return path
 
 
@@ -177,4 +185,7 @@ def run_subprocess_json(cmd: list[str], env: dict | None = None, timeout: float 
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    for line in reversed(proc.stdout.strip().splitlines()):  # wrappers (py-spy) may print after it
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"{' '.join(cmd)} printed no JSON line:\n{proc.stdout[-3000:]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import os
 import queue
 import signal
@@ -51,7 +52,7 @@ def torchrun_command(stage: str, spec_uri: str, nproc_per_node: int, python: str
     ]
 
 
-def job_env(nproc_per_node: int = 1, extra: dict[str, str] | None = None) -> dict[str, str]:
+def job_env(nproc_per_node: int = 1, extra: dict[str, str] | None = None, python: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -60,8 +61,12 @@ def job_env(nproc_per_node: int = 1, extra: dict[str, str] | None = None) -> dic
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
-    # DeepSpeed compiles a small communication op once; keep it in the project's cache.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(PROJECT_ROOT / ".alignflow" / "torch_extensions"))
+    # DeepSpeed compiles a small communication op once; keep it in the project's cache, one
+    # directory per interpreter: a build is tied to its environment, and jobs from two
+    # environments sharing one directory would rebuild it in turn (~1 min each).
+    interpreter = os.path.abspath(python or sys.executable)
+    tag = hashlib.sha256(interpreter.encode()).hexdigest()[:8]
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(PROJECT_ROOT / ".alignflow" / "torch_extensions" / tag))
     env.update(extra or {})
     return env
 

@@ -110,11 +110,12 @@ def run_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, StageResult], t
                      tracking={"uri": tracking.uri, "run_id": run_id}, debug=debug or {})
     spec_uri = store.join(output, store.SPEC)
     store.write_json(spec_uri, spec.to_json(), opts)
-    cmd = torchrun_command(stage, spec_uri, cfg.launch.nproc_per_node,
-                           cfg.launch.stage_python.get(stage, cfg.launch.python))
+    python = cfg.launch.stage_python.get(stage, cfg.launch.python)
+    cmd = torchrun_command(stage, spec_uri, cfg.launch.nproc_per_node, python)
     logger.info("%s: launching %s", run_name, " ".join(cmd))
     try:
-        env = job_env(cfg.launch.nproc_per_node, {"ALIGNFLOW_STORAGE_OPTIONS": json.dumps(opts)})  # endpoint, never keys
+        env = job_env(cfg.launch.nproc_per_node, {"ALIGNFLOW_STORAGE_OPTIONS": json.dumps(opts)},  # endpoint, never keys
+                      python=python)
         run_job(cmd, timeout_s=cfg.launch.timeout_s, log_line=logger.info, env=env)
         artifact = store.read_artifact(output, opts)
     except BaseException:
