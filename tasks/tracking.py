@@ -40,6 +40,15 @@ def _flatten(prefix: str, obj) -> dict[str, str]:
     return {prefix: str(obj)[:6000]}
 
 
+def _log_params(c, run_id: str, params: dict) -> None:
+    """Nested params as dotted keys, in batches under MLflow's per-request limit."""
+    from mlflow.entities import Param
+
+    flat = [Param(k, v) for k, v in _flatten("", params).items()]
+    for i in range(0, len(flat), 90):
+        c.log_batch(run_id, params=flat[i : i + 90])
+
+
 def start_pipeline_run(cfg: PipelineConfig, flow_run_id: str, flow_run_name: str, rounds: int) -> Tracking:
     uri = cfg.tracking_uri()
     c = client(uri)
@@ -53,26 +62,18 @@ def start_pipeline_run(cfg: PipelineConfig, flow_run_id: str, flow_run_name: str
     run = c.create_run(exp_id, run_name=f"{cfg.pipeline}-{flow_run_name}", tags={
         "prefect.flow_run_id": flow_run_id, "alignflow.pipeline": cfg.pipeline, "alignflow.config_digest": cfg.digest(),
     })
-    from mlflow.entities import Param
-
     config = cfg.model_dump(mode="json", exclude={"storage", "tracking"})
-    params = [Param(k, v) for k, v in _flatten("", config).items()] + [Param("rounds", str(rounds))]
-    for i in range(0, len(params), 90):
-        c.log_batch(run.info.run_id, params=params[i : i + 90])
+    _log_params(c, run.info.run_id, {**config, "rounds": rounds})
     return Tracking(uri, exp_id, run.info.run_id)
 
 
 def start_stage_run(tracking: Tracking, name: str, stage: str, key: str, params: dict, cached: bool) -> str:
-    from mlflow.entities import Param
-
     c = client(tracking.uri)
     run = c.create_run(tracking.experiment_id, run_name=name, tags={
         "mlflow.parentRunId": tracking.parent_run_id, "alignflow.stage": stage, "alignflow.key": key,
         "alignflow.cached": str(cached).lower(),
     })
-    flat = [Param(k, v) for k, v in _flatten("", params).items()]
-    for i in range(0, len(flat), 90):
-        c.log_batch(run.info.run_id, params=flat[i : i + 90])
+    _log_params(c, run.info.run_id, params)
     return run.info.run_id
 
 
