@@ -102,7 +102,7 @@ def pipeline_config(overrides: dict | None = None, root: Path | None = None, pip
     """configs/tiny.yaml with `overrides` deep-merged in, storage under `root`."""
     import yaml
 
-    from stages.common.config import parse_config
+    from tasks.config import parse_config
 
     data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
 

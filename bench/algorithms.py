@@ -96,7 +96,7 @@ def main() -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     from flows.alignment import alignment
-    from stages.common.config import load_config
+    from tasks.config import load_config
 
     paths = {}
     for algorithm in algorithms:

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.context import get_run_context
 
 from flows.promote import promote_policy
-from stages.common.config import load_config
+from tasks.config import load_config
 from stages.data_prep import check_local_source
 from tasks import tracking as mlf
 from tasks.stage import StageResult, configured

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--summary-out", type=Path, default=None, help="write the summary JSON here")
     args = parser.parse_args(argv)
 
-    from stages.common.config import ConfigError, load_config
+    from tasks.config import ConfigError, load_config
 
     try:  # validate before anything starts: a bad config never launches a job
         load_config(args.config)

@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
 from stages.common import store
-from stages.common.config import PipelineConfig, load_config
+from tasks.config import PipelineConfig, load_config
 from tasks import promotion as pr
 from tasks import tracking as mlf
 from tasks.stage import StageResult, configured

@@ -11,15 +11,17 @@ Retries with exponential backoff and jitter, except for bad input (exit 2).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from pydantic import BaseModel
+
 from stages.common import store
-from stages.common.config import PipelineConfig
+from stages.common.params import STAGE_PARAMS, Strict
+from tasks.config import PipelineConfig
 from stages.common.runtime import StageSpec
 from tasks import tracking as mlf
 from tasks.launch import StageBadInput, job_env, run_job, torchrun_command
@@ -39,26 +41,21 @@ class StageResult:
         return self.artifact.metrics
 
 
-def verifier_name(cfg: PipelineConfig) -> str:
-    return cfg.data.hf.verifier if cfg.data.source == "hf" else "exact"
+def stage_params(stage: str, cfg: PipelineConfig, round_idx: int | None = None) -> Strict:
+    """The stage's params model, each field taken from the config key of the same name.
 
-
-def stage_params(stage: str, cfg: PipelineConfig, round_idx: int | None) -> dict:
-    """Exactly what each stage's output depends on, besides its inputs: nothing else."""
-    c = cfg.model_dump(mode="json")
-    rl = c["rl"]
-    sampling = {k: rl[k] for k in ("prompts_per_round", "samples_per_prompt", "temperature", "top_p", "max_new_tokens")}
-    by_stage = {
-        "data_prep": {"data": c["data"]},
-        "sft": {"sft": c["sft"], "engine": c["engine"]},
-        "reward_model": {"reward_model": c["reward_model"], "engine": c["engine"]},
-        "generate": {"rl": sampling, "generate": c["generate"], "round": round_idx},
-        "score": {"rl": {"reward": rl["reward"], "temperature": rl["temperature"]}, "verifier": verifier_name(cfg),
-                  "round": round_idx},
-        "update": {"rl": {k: v for k, v in rl.items() if k != "rounds"}, "engine": c["engine"], "round": round_idx},
-        "evaluate": {"evaluate": c["evaluate"], "verifier": verifier_name(cfg)},
-    }
-    return {"model": c["model"], "seed": cfg.seed, **by_stage[stage]}
+    A field typed as part of a section (`rl: RolloutConfig`) gets only that part of it, so a
+    stage's key depends on exactly what its job reads (stages/common/params.py).
+    """
+    model = STAGE_PARAMS[stage]
+    values = {}
+    for name, field in model.model_fields.items():
+        value = round_idx if name == "round" else getattr(cfg, name)
+        part = field.annotation
+        if isinstance(value, BaseModel) and type(value) is not part:
+            value = part.model_validate(value.model_dump(include=set(part.model_fields)))
+        values[name] = value
+    return model(**values)
 
 
 def find_valid_output(uri: str, storage_options: dict, hash_limit_bytes: int = 64 << 20) -> store.Artifact | None:
@@ -67,10 +64,10 @@ def find_valid_output(uri: str, storage_options: dict, hash_limit_bytes: int = 6
     if art is None:
         return None
     if sum(f["size"] for f in art.manifest["files"]) <= hash_limit_bytes:
-        fs, base = store.filesystem(uri, storage_options)
-        for f in art.manifest["files"]:
-            if hashlib.sha256(fs.cat_file(f"{base}/{f['path']}")).hexdigest() != f["sha256"]:
-                return None
+        try:
+            store.verify_files(art, storage_options)
+        except store.ArtifactError:
+            return None
     return art
 
 
@@ -88,7 +85,7 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
 def run_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, StageResult], tracking: mlf.Tracking,
               round_idx: int | None = None, label: str = "", debug: dict | None = None) -> StageResult:
     logger = get_run_logger()
-    params = stage_params(stage, cfg, round_idx)
+    params = stage_params(stage, cfg, round_idx).model_dump(mode="json")
     code = store.code_version(stage)
     key = store.compute_key(stage, params, {n: r.artifact.digest for n, r in inputs.items()}, code)
     root, opts = cfg.storage_root(), cfg.storage_options()

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from stages.common import store
-from stages.common.config import PipelineConfig
+from tasks.config import PipelineConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

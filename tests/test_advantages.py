@@ -14,7 +14,7 @@ import statistics
 import pytest
 import torch
 
-from stages.common.config import RLConfig
+from stages.common.params import RLConfig
 from tests.rl_batches import packed_batch, rand, response
 from stages.common.losses import (discounted_returns, dr_grpo_advantages, explained_variance, gae_advantages,
                                   group_advantages, masked_whiten, overlong_penalty, rloo_advantages,
@@ -252,7 +252,7 @@ def test_gae_in_update():
 def test_algorithm_configs(algorithm, advantage, kl_mode, kl_estimator, loss_agg):
     from pathlib import Path
 
-    from stages.common.config import load_config
+    from tasks.config import load_config
 
     expected = (advantage, kl_mode, kl_estimator, loss_agg)
     rl = RLConfig.model_validate({"algorithm": algorithm})  # the paper's defaults

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.config import ConfigError, load_config, parse_config
+from tasks.config import ConfigError, load_config, parse_config
 from tests.conftest import ROOT, small_config
 
 

@@ -11,7 +11,7 @@ import yaml
 from prefect import flow
 
 from stages.common import store
-from stages.common.config import load_config
+from tasks.config import load_config
 from tasks import tracking as mlf
 from tasks.launch import StageBadInput
 from tasks.stage import configured

@@ -81,7 +81,7 @@ def build_candidates(tmp_path_factory) -> Candidates:
         return _BUILT["local"]
     from prefect import flow
 
-    from stages.common.config import parse_config
+    from tasks.config import parse_config
     from tasks import tracking as mlf
     from tasks.stage import run_stage
 
@@ -335,7 +335,7 @@ def test_nightly_entry_point_with_stage_results_and_lineage(cands):
     from prefect import flow
 
     from flows.promote import promote_policy
-    from stages.common.config import load_config
+    from tasks.config import load_config
     from tasks import tracking as mlf
 
     name = unique("nightly")

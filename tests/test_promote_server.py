@@ -94,7 +94,7 @@ class S3Setup:
 
 
 def _local_root(c: Candidates) -> str:
-    from stages.common.config import normalize_uri
+    from tasks.config import normalize_uri
 
     return normalize_uri(c.base["storage"]["root"])
 

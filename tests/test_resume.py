@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.common import store
-from stages.common.config import parse_config
+from tasks.config import parse_config
 from stages.common.runtime import StageSpec
 from tasks.launch import PROJECT_ROOT, job_env, kill_tree, run_job, torchrun_command
 from tasks.stage import stage_params

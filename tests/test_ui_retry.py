@@ -7,7 +7,7 @@ deployments/prefect.yaml; the retry is the exact call the UI's Retry button make
 import httpx
 import yaml
 
-from stages.common.config import load_config
+from tasks.config import load_config
 from tasks import tracking as mlf
 from tests.conftest import ROOT, small_config
 from tests.prefect_services import (PrefectServer, create_flow_run, deploy, start_worker, ui_retry,

@@ -19,9 +19,13 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from . import store
+
+P = TypeVar("P", bound=BaseModel)
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -40,7 +44,7 @@ class StageSpec:
     pipeline: str
     inputs: dict[str, str]  # name -> artifact URI
     output: str
-    params: dict
+    params: dict  # the stage's params model (stages/common/params.py), as JSON
     code_version: str
     storage_options: dict = field(default_factory=dict)
     tracking: dict = field(default_factory=dict)  # {"uri": ..., "run_id": ...}
@@ -55,12 +59,12 @@ class StageSpec:
         return cls(**data)
 
 
-class StageContext:
-    """Ranks, inputs, outputs and tracking for one stage job."""
+class StageContext(Generic[P]):
+    """Ranks, inputs, outputs and tracking for one stage job; `params` is the stage's typed model."""
 
-    def __init__(self, spec: StageSpec):
+    def __init__(self, spec: StageSpec, params: P):
         self.spec = spec
-        self.params = spec.params
+        self.params = params
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -212,21 +216,22 @@ def _maybe_inject_fault(spec: StageSpec) -> None:
         raise RuntimeError(f"injected fault (marker {marker})")
 
 
-def main(run: Callable[[StageContext], dict]) -> None:
-    """Entry point of every stage module: `main(run)` under `if __name__ == "__main__"`."""
+def main(run: Callable[[StageContext[P]], dict], params_model: type[P]) -> None:
+    """Entry point of every stage module: `main(run, XParams)` under `if __name__ == "__main__"`."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True, help="URI of the stage spec JSON")
     args = parser.parse_args()
     try:
         raw = store.read_json(args.spec, json.loads(os.environ.get("ALIGNFLOW_STORAGE_OPTIONS", "{}")))
         spec = StageSpec.from_json(raw)
-    except (FileNotFoundError, ValueError, TypeError) as err:  # missing or malformed: rerunning won't help
+        params = params_model.model_validate(spec.params)
+    except (FileNotFoundError, ValueError, TypeError, ValidationError) as err:  # missing or malformed: rerunning won't help
         print(f"{BAD_INPUT_MARKER}: cannot read stage spec {args.spec}: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
     # Anything else (the store unreachable, say) propagates: exit 1, and the task retries.
     try:
         _maybe_inject_fault(spec)
-        ctx = StageContext(spec)
+        ctx = StageContext(spec, params)
         started = time.time()
         metrics = run(ctx)
         metrics["stage_seconds"] = round(time.time() - started, 3)

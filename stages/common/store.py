@@ -23,6 +23,7 @@ import fsspec
 MANIFEST = "_MANIFEST.json"
 SPEC = "_SPEC.json"
 STAGES_DIR = Path(__file__).resolve().parent.parent
+LOCAL_FS = fsspec.filesystem("file")
 
 
 class ArtifactError(RuntimeError):
@@ -83,6 +84,14 @@ def compute_key(stage: str, params: dict, input_digests: dict[str, str], code: s
     """Same stage, params, inputs and code -> same key -> same place in the store."""
     payload = {"stage": stage, "params": params, "inputs": input_digests, "code": code}
     return hashlib.sha256(_canonical(payload)).hexdigest()[:16]
+
+
+def storage_options(uri: str, s3_endpoint_url: str | None) -> dict:
+    """fsspec options for `uri`: the endpoint of an S3-compatible server, never credentials
+    (those come from the environment)."""
+    if s3_endpoint_url and uri.startswith("s3://"):
+        return {"client_kwargs": {"endpoint_url": s3_endpoint_url}}
+    return {}
 
 
 def filesystem(uri: str, storage_options: dict | None = None):
@@ -209,6 +218,29 @@ def try_read_artifact(uri: str, storage_options: dict | None = None) -> Artifact
         return None
 
 
+def check_file(fs, path: str, entry: FileEntry, name: str, chunk: int = 8 << 20) -> None:
+    """The one check that a file's bytes match its manifest entry (size and sha256), streamed,
+    on any filesystem (the store, or local disk after a download); the error names `name`."""
+    h, size = hashlib.sha256(), 0
+    try:
+        with fs.open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+                size += len(block)
+    except FileNotFoundError:
+        raise ArtifactError(f"{name}: missing (listed in the manifest)") from None
+    if size != entry.size or h.hexdigest() != entry.sha256:
+        raise ArtifactError(f"{name}: content does not match its manifest hash (corrupted)")
+
+
+def verify_files(artifact: Artifact, storage_options: dict | None = None, prefix: str = "") -> None:
+    """Hash every file of the artifact (under `prefix`, if given) in place against its manifest."""
+    fs, base = filesystem(artifact.uri, storage_options)
+    entries = artifact.files_under(prefix) if prefix else [FileEntry(**f) for f in artifact.manifest["files"]]
+    for e in entries:
+        check_file(fs, posixpath.join(base, e.path), e, join(artifact.uri, e.path))
+
+
 def download(artifact: Artifact, relpath: str, local_dir: str | os.PathLike, storage_options=None) -> Path:
     """Fetch one file and check its sha256 against the manifest."""
     entry = artifact.file(relpath)
@@ -216,8 +248,7 @@ def download(artifact: Artifact, relpath: str, local_dir: str | os.PathLike, sto
     dest.parent.mkdir(parents=True, exist_ok=True)
     fs, base = filesystem(artifact.uri, storage_options)
     fs.get_file(posixpath.join(base, relpath), str(dest))
-    if dest.stat().st_size != entry.size or sha256_file(dest) != entry.sha256:
-        raise ArtifactError(f"{join(artifact.uri, relpath)}: content does not match its manifest hash (corrupted)")
+    check_file(LOCAL_FS, str(dest), entry, join(artifact.uri, relpath))
     return dest
 
 
