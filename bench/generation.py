@@ -1,4 +1,4 @@
-"""Benchmark: our transformers backend (generate_hf: batched, KV cache) against a naive loop and vLLM.
+"""Benchmark: our transformers backend (HFBackend: batched, KV cache) against a naive loop and vLLM.
 
     .venv/bin/python bench/generation.py                  # both scenarios, 256 prompts x 8 samples
     .venv/bin/python bench/generation.py --small          # smoke test (~1 minute)
@@ -7,12 +7,12 @@
 Same checkpoint, same prompts (the `generate` stage's seeded draw of rl prompts, encoded with
 the checkpoint's tokenizer), same n, temperature 1, top_p 1, same thread count:
 
-  hf_batched      stages.common.generation.generate_hf, what the generate stage runs
+  hf_batched      stages.common.generation.HFBackend, what the generate stage runs
   hf_no_cache     the same batches through model.generate(use_cache=False): the KV cache's share
   hf_one_by_one   model.generate with KV cache, one sequence per call: batching's share
   naive           a hand loop, one sequence at a time, full forward per token, no KV cache
-  vllm            stages.common.vllm_generate in .venv-vllm (vLLM CPU), if that venv exists;
-                  generate time from its own meta (engine start shown apart)
+  vllm            stages.common.vllm_generate.VLLMSubprocess: .venv-vllm (vLLM CPU), if that venv
+                  exists; generate time from the child's meta (engine start shown apart)
 
 The slow variants run on a subset (`--naive-seqs` sequences; hf_no_cache `--no-cache-prompts`
 prompts x n) and are reported in tokens/s.
@@ -28,7 +28,6 @@ bench/results/generation-<time>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -50,11 +49,11 @@ def build_checkpoints(workdir: Path, sft_steps: int, seed: int = 0) -> tuple[Pat
                                       save_checkpoint, train_char_tokenizer)
     from stages.data_prep import synthetic_addition
 
-    cfg = C.pipeline_config().model_dump(mode="json")
-    tables = synthetic_addition(cfg["data"]["synthetic"], seed)
+    cfg = C.pipeline_config()
+    tables = synthetic_addition(cfg.data.synthetic, seed)
     texts = [r["prompt"] + r["response"] for r in tables["sft"]] + [r["prompt"] + r["answer"] for r in tables["eval"]]
     tok = train_char_tokenizer(texts)
-    model = build_tiny_model(cfg["model"]["tiny"], tok, seed)
+    model = build_tiny_model(cfg.model.tiny, tok, seed)
     untrained = workdir / "untrained"
     save_checkpoint(model, tok, untrained)
     prompts = encode_prompts(tok, [r["prompt"] for r in tables["sft"]])
@@ -100,7 +99,7 @@ def naive_generate(model, prompt_ids, n, max_new_tokens, temperature, eos, seed)
 
 
 def hf_generate_raw(model, tok, prompt_ids, n, max_new_tokens, temperature, batch_size, use_cache, seed):
-    """model.generate on left-padded batches, as generate_hf does; returns generated token counts."""
+    """model.generate on left-padded batches, as HFBackend does; returns generated token counts."""
     import torch
     from transformers import GenerationConfig
 
@@ -128,37 +127,35 @@ def hf_generate_raw(model, tok, prompt_ids, n, max_new_tokens, temperature, batc
 
 
 def run_vllm(ckpt: Path, prompt_ids, n, max_new_tokens, temperature, seed, threads, eos) -> dict | None:
+    from stages.common.generation import Request
+    from stages.common.vllm_generate import VLLMSubprocess
+
     if not VLLM_PY.exists():
         return None
-    with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
-        req, out = Path(tmp) / "req.json", Path(tmp) / "out.json"
-        req.write_text(json.dumps({"model_dir": str(ckpt), "prompts_token_ids": prompt_ids, "n": n,
-                                   "temperature": temperature, "top_p": 1.0, "max_new_tokens": max_new_tokens,
-                                   "seed": seed, "stop_token_ids": [eos]}))
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        env.update(OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND=os.environ.get(
-            "VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}"), VLLM_CPU_KVCACHE_SPACE="1")
-        started = time.perf_counter()
-        proc = subprocess.run([str(VLLM_PY), "-m", "stages.common.vllm_generate", "--request", str(req),
-                               "--out", str(out)], cwd=C.REPO, env=env, capture_output=True, text=True, timeout=900)
-        wall = time.perf_counter() - started
-        if proc.returncode != 0:
-            return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"}
-        result = json.loads(out.read_text())
-    meta = result["meta"]
-    tokens = sum(len(s["token_ids"]) for g in result["samples"] for s in g)
+    # The child inherits this environment (less torchrun's variables, OMP_NUM_THREADS among them).
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+    backend = VLLMSubprocess(str(ckpt), python=str(VLLM_PY), timeout_s=900)
+    started = time.perf_counter()
+    try:
+        samples = backend.generate(Request(prompt_ids, n=n, temperature=temperature, top_p=1.0,
+                                           max_new_tokens=max_new_tokens, seed=seed, stop_token_ids=[eos]))
+    except (RuntimeError, ValueError, subprocess.TimeoutExpired) as err:
+        return {"error": str(err)}
+    wall = time.perf_counter() - started
+    meta = backend.meta
+    tokens = sum(len(s.token_ids) for g in samples for s in g)
     return {"tokens": tokens, "generate_s": meta["generate_s"], "engine_start_s": meta["engine_start_s"],
             "process_wall_s": wall, "vllm_version": meta.get("vllm_version")}
 
 
 def scenario(name: str, ckpt: Path, prompt_rows: list[dict], args, seed: int) -> list[dict]:
-    from stages.common.generation import generate_hf
-    from stages.common.models import encode_prompts, load_causal_lm, load_tokenizer
+    from stages.common.generation import HFBackend, Request
+    from stages.common.models import encode_prompts
     from stages.generate import round_prompts
 
     max_new = 6 if name == "pipeline" else 56
-    tok = load_tokenizer(ckpt)
-    model = load_causal_lm(ckpt).eval()
+    hf = HFBackend(str(ckpt), batch_size=args.batch_size)
+    tok, model = hf.tokenizer, hf.model
     rows = round_prompts(prompt_rows, args.prompts, seed, 0)
     prompt_ids = encode_prompts(tok, [r["prompt"] for r in rows])
     n, T = args.samples, args.threads
@@ -173,11 +170,9 @@ def scenario(name: str, ckpt: Path, prompt_rows: list[dict], args, seed: int) ->
               f"{tokens / secs if secs else 0:9.0f} tok/s {note}", flush=True)
 
     # warm-up (first-call allocations, lazy imports)
-    generate_hf(model, tok, prompt_ids[:4], n=2, temperature=1.0, top_p=1.0, max_new_tokens=max_new, seed=seed,
-                batch_size=args.batch_size)
+    hf.generate(Request(prompt_ids[:4], n=2, temperature=1.0, top_p=1.0, max_new_tokens=max_new, seed=seed))
     t = time.perf_counter()
-    samples = generate_hf(model, tok, prompt_ids, n=n, temperature=1.0, top_p=1.0, max_new_tokens=max_new,
-                          seed=seed, batch_size=args.batch_size)
+    samples = hf.generate(Request(prompt_ids, n=n, temperature=1.0, top_p=1.0, max_new_tokens=max_new, seed=seed))
     secs = time.perf_counter() - t
     row("hf_batched", len(prompt_ids) * n, sum(len(s.token_ids) for g in samples for s in g), secs,
         f"batch {args.batch_size}, KV cache")
@@ -223,7 +218,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=512, help="generate_hf batch (configs: generate.batch_size)")
+    parser.add_argument("--batch-size", type=int, default=512, help="HFBackend batch (configs: generate.batch_size)")
     parser.add_argument("--naive-seqs", type=int, default=128, help="sequences for the slow one-at-a-time variants")
     parser.add_argument("--no-cache-prompts", type=int, default=64, help="prompts for hf_no_cache")
     parser.add_argument("--sft-steps", type=int, default=400)

