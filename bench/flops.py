@@ -58,13 +58,14 @@ def plain_torch_sft(tiny: dict, batch: int, steps: int, threads: int) -> dict:
     import torch
 
     from stages.common.models import build_tiny_model, encode_prompts, encode_responses, pack_right, train_char_tokenizer
+    from stages.common.sections import SyntheticDataConfig, TinyModelConfig
     from stages.data_prep import synthetic_addition
 
     torch.set_num_threads(threads)
     cfg = C.pipeline_config().model_dump(mode="json")
-    tables = synthetic_addition({**cfg["data"]["synthetic"], "num_sft": 5000}, 0)
+    tables = synthetic_addition(SyntheticDataConfig(**{**cfg["data"]["synthetic"], "num_sft": 5000}), 0)
     tok = train_char_tokenizer([r["prompt"] + r["response"] for r in tables["sft"]])
-    model = build_tiny_model(tiny, tok, 0)
+    model = build_tiny_model(TinyModelConfig(**tiny), tok, 0)
     prompts = encode_prompts(tok, [r["prompt"] for r in tables["sft"]])
     responses = encode_responses(tok, [r["response"] for r in tables["sft"]])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))

@@ -56,14 +56,15 @@ def probe() -> None:
     from stages.common.models import build_tiny_model, train_char_tokenizer
 
     tok = train_char_tokenizer(["0123456789+="])
-    model = build_tiny_model(C.pipeline_config().model_dump()["model"]["tiny"], tok, seed=0)
+    model = build_tiny_model(C.pipeline_config().model.tiny, tok, seed=0)
     marks.append(("import transformers + build model", time.time()))
     import deepspeed  # noqa: F401
 
     marks.append(("import deepspeed", time.time()))
     from stages.common.engine import make_engine
+    from stages.common.sections import EngineConfig
 
-    make_engine(model, {"zero_stage": 2, "dtype": "fp32", "gradient_clipping": 1.0}, lr=1e-3, micro_batch=32)
+    make_engine(model, EngineConfig(zero_stage=2, dtype="fp32"), lr=1e-3, micro_batch=32)
     marks.append(("deepspeed.initialize (ZeRO-2)", time.time()))
     if os.environ.get("RANK", "0") == "0":
         Path(os.environ["BENCH_PROBE_OUT"]).write_text(json.dumps({"t0": t0, "marks": marks}))

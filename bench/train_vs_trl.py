@@ -70,11 +70,12 @@ def trl_sft_worker(a: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from stages.common.models import build_tiny_model, encode_prompts, encode_responses, load_tokenizer
+    from stages.common.sections import TinyModelConfig
 
     t_imports = time.perf_counter() - t_process
     table = pq.read_table(a["sft_parquet"]).to_pylist()
     tokenizer = load_tokenizer(a["tokenizer"])
-    model = build_tiny_model(a["tiny"], tokenizer, seed=a["seed"])
+    model = build_tiny_model(TinyModelConfig(**a["tiny"]), tokenizer, seed=a["seed"])
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in table])
     responses = encode_responses(tokenizer, [r["response"] for r in table])
     dataset = Dataset.from_dict({

@@ -35,7 +35,7 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
     logger = get_run_logger()
     cfg = load_config(config_path)
     if cfg.data.source == "hf":  # a bad local dataset fails here, before any job starts
-        check_local_source(cfg.data.hf.model_dump())
+        check_local_source(cfg.data.hf)
     rounds = cfg.rl.rounds if rounds is None else rounds
     flow_run = get_run_context().flow_run
     tracking = mlf.start_pipeline_run(cfg, str(flow_run.id), flow_run.name, rounds)
@@ -56,7 +56,7 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
         # PPO's value model of round r: the reward model or SFT at first, then what update r-1 wrote.
         value = reward_model if cfg.rl.value_init == "reward_model" else sft
         for r in range(rounds):
-            critic = {"value": value} if cfg.rl.algorithm == "ppo" else {}
+            critic = {"value": value} if cfg.rl.trains_value_model else {}
             rollouts = run("generate", {"policy": policy, "data": data}, r, f"[{r}]")
             scored = run("score", {"rollouts": rollouts, "reference": sft, "reward_model": reward_model,
                                    "data": data, **critic}, r, f"[{r}]")

@@ -25,16 +25,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.common import runtime
+from stages.common.params import DataPrepParams
+from stages.common.sections import HFDataConfig, SyntheticDataConfig
 from stages.common.runtime import BadInput, StageContext, log
 
 
-def synthetic_addition(cfg: dict, seed: int) -> dict[str, list[dict]]:
+def synthetic_addition(cfg: SyntheticDataConfig, seed: int) -> dict[str, list[dict]]:
     rng = random.Random(seed)
     operands = [(a, b) for a in range(100) for b in range(100)]
     rng.shuffle(operands)
-    if cfg["num_eval"] >= len(operands):
-        raise BadInput(f"data.synthetic.num_eval={cfg['num_eval']} leaves no training prompts (max {len(operands) - 1})")
-    held_out, train = operands[: cfg["num_eval"]], operands[cfg["num_eval"]:]
+    if cfg.num_eval >= len(operands):
+        raise BadInput(f"data.synthetic.num_eval={cfg.num_eval} leaves no training prompts (max {len(operands) - 1})")
+    held_out, train = operands[: cfg.num_eval], operands[cfg.num_eval:]
 
     def prompt(a, b):
         return f"{a:02d}+{b:02d}="
@@ -44,18 +46,18 @@ def synthetic_addition(cfg: dict, seed: int) -> dict[str, list[dict]]:
 
     def teacher(a, b):
         carry = (a % 10) + (b % 10) >= 10
-        if carry and rng.random() < cfg["teacher_carry_drop"]:
+        if carry and rng.random() < cfg.teacher_carry_drop:
             return f"{a + b - 10:03d}"  # forgot to carry the one
         return answer(a, b)
 
     sft = []
-    for _ in range(cfg["num_sft"]):
+    for _ in range(cfg.num_sft):
         a, b = rng.choice(train)
         response = teacher(a, b)
         sft.append({"prompt": prompt(a, b), "response": response, "correct": response == answer(a, b)})
 
     pairs = []
-    for _ in range(cfg["num_pairs"]):
+    for _ in range(cfg.num_pairs):
         a, b = rng.choice(train)
         good = answer(a, b)
         dropped = f"{a + b - 10:03d}"
@@ -82,9 +84,9 @@ def corrupt_digit(text: str, rng: random.Random) -> str:
     return text[:start] + new + text[start + 1:]
 
 
-def check_local_source(cfg: dict) -> None:
+def check_local_source(cfg: HFDataConfig) -> None:
     """Before any job starts: a local dataset file must exist, have the mapped columns and rows."""
-    path = cfg["path"]
+    path = cfg.path
     if not path.endswith((".parquet", ".jsonl", ".json")):
         return  # a hub dataset: checked by data_prep once downloaded
     import os
@@ -101,17 +103,21 @@ def check_local_source(cfg: dict) -> None:
 
         table = pj.read_json(path)
         columns, rows = table.column_names, table.num_rows
-    for col_key in ("prompt_column", "response_column", "answer_column"):
-        if cfg[col_key] not in columns:
-            raise BadInput(f"data.hf.{col_key}: column {cfg[col_key]!r} not in {path} (columns: {columns})")
+    check_columns(cfg, columns)
     if rows == 0:
         raise BadInput(f"data.hf.path: {path} has no rows")
 
 
-def hf_dataset(cfg: dict, seed: int) -> dict[str, list[dict]]:
+def check_columns(cfg: HFDataConfig, columns: list[str]) -> None:
+    for col_key in ("prompt_column", "response_column", "answer_column"):
+        if getattr(cfg, col_key) not in columns:
+            raise BadInput(f"data.hf.{col_key}: column {getattr(cfg, col_key)!r} not in {cfg.path} (columns: {columns})")
+
+
+def hf_dataset(cfg: HFDataConfig, seed: int) -> dict[str, list[dict]]:
     import datasets
 
-    path = cfg["path"]
+    path = cfg.path
     check_local_source(cfg)
     local_format = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
     fmt = next((f for ext, f in local_format.items() if path.endswith(ext)), None)
@@ -120,50 +126,49 @@ def hf_dataset(cfg: dict, seed: int) -> dict[str, list[dict]]:
             ds = datasets.load_dataset(fmt, data_files={"train": path}, split="train")
             eval_ds = None
         else:
-            ds = datasets.load_dataset(path, cfg["name"], split=cfg["split"])
-            eval_ds = datasets.load_dataset(path, cfg["name"], split=cfg["eval_split"]) if cfg["eval_split"] else None
+            ds = datasets.load_dataset(path, cfg.name, split=cfg.split)
+            eval_ds = datasets.load_dataset(path, cfg.name, split=cfg.eval_split) if cfg.eval_split else None
     except FileNotFoundError as err:
         raise BadInput(f"data.hf.path: {err}") from None
-    for col_key in ("prompt_column", "response_column", "answer_column"):
-        if cfg[col_key] not in ds.column_names:
-            raise BadInput(f"data.hf.{col_key}: column {cfg[col_key]!r} not in {path} (columns: {ds.column_names})")
+    check_columns(cfg, ds.column_names)
     if len(ds) == 0:
         raise BadInput(f"data.hf.path: {path} has no rows")
     ds = ds.shuffle(seed=seed)
     if eval_ds is None:
-        if len(ds) <= cfg["num_eval"]:
-            raise BadInput(f"data.hf.num_eval={cfg['num_eval']}: {path} has only {len(ds)} rows")
-        eval_ds, ds = ds.select(range(cfg["num_eval"])), ds.select(range(cfg["num_eval"], len(ds)))
+        if len(ds) <= cfg.num_eval:
+            raise BadInput(f"data.hf.num_eval={cfg.num_eval}: {path} has only {len(ds)} rows")
+        eval_ds, ds = ds.select(range(cfg.num_eval)), ds.select(range(cfg.num_eval, len(ds)))
     rng = random.Random(seed)
 
     def fmt_prompt(row):
-        return cfg["prompt_template"].format(prompt=row[cfg["prompt_column"]])
+        return cfg.prompt_template.format(prompt=row[cfg.prompt_column])
 
     sft, pairs, rl = [], [], []
     for i, row in enumerate(ds):
-        p, resp, ans = fmt_prompt(row), str(row[cfg["response_column"]]), str(row[cfg["answer_column"]])
+        p, resp, ans = fmt_prompt(row), str(row[cfg.response_column]), str(row[cfg.answer_column])
         sft.append({"prompt": p, "response": resp, "correct": True})
         pairs.append({"prompt": p, "chosen": resp, "rejected": corrupt_digit(resp, rng)})
         rl.append({"prompt_id": f"rl-{i}", "prompt": p, "answer": ans})
-    ev = [{"prompt_id": f"eval-{i}", "prompt": fmt_prompt(r), "answer": str(r[cfg["answer_column"]])}
+    ev = [{"prompt_id": f"eval-{i}", "prompt": fmt_prompt(r), "answer": str(r[cfg.answer_column])}
           for i, r in enumerate(eval_ds)]
     return {"sft": sft, "pairs": pairs, "rl_prompts": rl, "eval": ev}
 
 
-def run(ctx: StageContext) -> dict:
-    data_cfg, seed = ctx.params["data"], ctx.params["seed"]
+def run(ctx: StageContext[DataPrepParams]) -> dict:
+    p = ctx.params
     if not ctx.is_main:  # nothing to split: one rank writes everything
         return {}
-    if data_cfg["source"] == "synthetic":
-        tables = synthetic_addition(data_cfg["synthetic"], seed)
+    if p.data.source == "synthetic":
+        tables = synthetic_addition(p.data.synthetic, p.seed)
     else:
-        tables = hf_dataset(data_cfg["hf"], seed)
+        assert p.data.hf is not None  # DataConfig requires the section with source: hf
+        tables = hf_dataset(p.data.hf, p.seed)
     for name, rows in tables.items():
         if not rows:
             raise BadInput(f"data_prep: the {name} split is empty")
         pq.write_table(pa.Table.from_pylist(rows), ctx.out_path(f"{name}.parquet"))
         ctx.save(f"{name}.parquet")
-    if ctx.params["model"]["tiny"] is not None:
+    if p.model.tiny is not None:
         from stages.common.models import train_char_tokenizer
 
         texts = [r["prompt"] + r["response"] for r in tables["sft"]] + [r["prompt"] + r["answer"] for r in tables["eval"]]
@@ -175,4 +180,4 @@ def run(ctx: StageContext) -> dict:
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    runtime.main(run, DataPrepParams)

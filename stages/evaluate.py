@@ -17,24 +17,25 @@ import torch
 from stages.common import runtime
 from stages.common.generation import generate_hf
 from stages.common.models import encode_prompts, load_causal_lm, load_reward_model, load_tokenizer, pack_right
+from stages.common.params import EvaluateParams
 from stages.common.runtime import BadInput, StageContext, log
 from stages.common.verifier import VERIFIERS
 
 
-def run(ctx: StageContext) -> dict:
-    cfg = ctx.params["evaluate"]
-    verify = VERIFIERS[ctx.params["verifier"]]
+def run(ctx: StageContext[EvaluateParams]) -> dict:
+    p, cfg = ctx.params, ctx.params.evaluate
+    verify = VERIFIERS[p.verifier]
     rows = pq.read_table(ctx.fetch("data", "eval.parquet")).to_pylist()
     if not rows:
         raise BadInput("evaluate: eval.parquet is empty")
     mine = [rows[i] for i in ctx.shard(len(rows))]
-    trust = ctx.params["model"]["trust_remote_code"]
+    trust = p.model.trust_remote_code
     policy_dir = ctx.fetch_dir("policy", "checkpoint")
     tokenizer = load_tokenizer(policy_dir, trust)
     model = load_causal_lm(policy_dir, trust).to(ctx.device)
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in mine])
     samples = generate_hf(model, tokenizer, prompt_ids, n=1, temperature=1.0, top_p=1.0, greedy=True,
-                          max_new_tokens=cfg["max_new_tokens"], seed=0, batch_size=cfg["batch_size"])
+                          max_new_tokens=cfg.max_new_tokens, seed=0, batch_size=cfg.batch_size)
     responses = [g[0] for g in samples]
 
     reward_model = load_reward_model(ctx.fetch_dir("reward_model", "checkpoint"), trust).to(ctx.device).eval()
@@ -61,4 +62,4 @@ def run(ctx: StageContext) -> dict:
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    runtime.main(run, EvaluateParams)

@@ -31,6 +31,7 @@ from stages.common import runtime, store
 from stages.common.generation import generate_hf, pick_backend
 from stages.common.models import encode_prompts, load_causal_lm, load_tokenizer
 from stages.common.rollouts import write_table
+from stages.common.params import GenerateParams
 from stages.common.runtime import BadInput, StageContext, log
 
 
@@ -78,12 +79,13 @@ class ChunkLog:
         store.write_json(self.uri, {"setup": self.setup, "chunks": self.chunks}, self.ctx.spec.storage_options)
 
 
-def run(ctx: StageContext) -> dict:
-    rl, gen_cfg = ctx.params["rl"], ctx.params["generate"]
+def run(ctx: StageContext[GenerateParams]) -> dict:
+    p = ctx.params
+    rl, gen_cfg = p.rl, p.generate
     prompts = round_prompts(pq.read_table(ctx.fetch("data", "rl_prompts.parquet")).to_pylist(),
-                            rl["prompts_per_round"], ctx.params["seed"], ctx.params["round"])
-    backend = pick_backend(gen_cfg["backend"])
-    tp = gen_cfg["tensor_parallel_size"]
+                            rl.prompts_per_round, p.seed, p.round)
+    backend = pick_backend(gen_cfg.backend)
+    tp = gen_cfg.tensor_parallel_size
     if backend == "vllm" and (ctx.device.type == "cpu" or tp > 1):
         # One engine for the job: on CPU two engines would pin the same core; with tensor
         # parallelism every rank runs the same requests and rank 0 keeps the rows.
@@ -92,12 +94,12 @@ def run(ctx: StageContext) -> dict:
         mine = [prompts[i] for i in ctx.shard(len(prompts))]
     keeps_rows = not (backend == "vllm" and tp > 1 and not ctx.is_main)
     policy_dir = ctx.fetch_dir("policy", "checkpoint")
-    trust = ctx.params["model"]["trust_remote_code"]
+    trust = p.model.trust_remote_code
     tokenizer = load_tokenizer(policy_dir, trust)
-    seed = ctx.params["seed"] * 100003 + ctx.params["round"] * 101 + ctx.rank
+    seed = p.seed * 100003 + p.round * 101 + ctx.rank
     policy_key = ctx.input("policy").manifest["key"]
 
-    size = gen_cfg["chunk_prompts"] if backend == "hf" else max(1, len(mine))
+    size = gen_cfg.chunk_prompts if backend == "hf" else max(1, len(mine))
     chunks = [mine[i : i + size] for i in range(0, len(mine), size)]
     parts = [f"rollouts/part-{ctx.rank:05d}-{c:05d}.parquet" for c in range(len(chunks))]
     done = ChunkLog(ctx, {"world_size": ctx.world_size, "chunk_prompts": size, "backend": backend})
@@ -116,18 +118,18 @@ def run(ctx: StageContext) -> dict:
             prompt_ids = encode_prompts(tokenizer, [p["prompt"] for p in chunk])
             if backend == "hf":
                 model = model or load_causal_lm(policy_dir, trust).to(ctx.device)
-                samples = generate_hf(model, tokenizer, prompt_ids, n=rl["samples_per_prompt"],
-                                      temperature=rl["temperature"], top_p=rl["top_p"],
-                                      max_new_tokens=rl["max_new_tokens"],
+                samples = generate_hf(model, tokenizer, prompt_ids, n=rl.samples_per_prompt,
+                                      temperature=rl.temperature, top_p=rl.top_p,
+                                      max_new_tokens=rl.max_new_tokens,
                                       seed=chunk_seed(seed, c),
-                                      batch_size=gen_cfg["batch_size"])
+                                      batch_size=gen_cfg.batch_size)
             else:
                 from stages.common.vllm_generate import BadRequest, generate_vllm
 
                 try:
                     samples = generate_vllm(
-                        str(policy_dir), prompt_ids, n=rl["samples_per_prompt"], temperature=rl["temperature"],
-                        top_p=rl["top_p"], max_new_tokens=rl["max_new_tokens"], seed=seed,
+                        str(policy_dir), prompt_ids, n=rl.samples_per_prompt, temperature=rl.temperature,
+                        top_p=rl.top_p, max_new_tokens=rl.max_new_tokens, seed=seed,
                         stop_token_ids=[tokenizer.eos_token_id], tensor_parallel_size=tp,
                         distributed_executor_backend="external_launcher" if tp > 1 else None,
                         dtype="bfloat16" if ctx.device.type == "cuda" else "float32")
@@ -159,10 +161,10 @@ def run(ctx: StageContext) -> dict:
     n_rows, n_tokens, n_stop = ctx.all_reduce_sum([n_rows, n_tokens, n_stop])
     tokens_per_s = ctx.all_reduce_sum([new_tokens / max(elapsed, 1e-9)])[0]  # of the chunks generated here
     if ctx.is_main:
-        log(f"generate[{backend}] round {ctx.params['round']}: {n_rows} samples, {tokens_per_s:.0f} tok/s")
+        log(f"generate[{backend}] round {p.round}: {n_rows} samples, {tokens_per_s:.0f} tok/s")
     return {"num_samples": n_rows, "tokens_per_s": tokens_per_s, "mean_response_tokens": n_tokens / max(n_rows, 1),
             "stop_fraction": n_stop / max(n_rows, 1), "generate_seconds": elapsed, "backend": backend}
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    runtime.main(run, GenerateParams)

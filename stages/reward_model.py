@@ -21,6 +21,7 @@ from stages.common.engine import full_parameters, make_engine
 from stages.common.losses import bradley_terry_loss
 from stages.common.resume import Resumer, Trained
 from stages.common.models import encode_prompts, encode_responses, load_reward_model, load_tokenizer, pack_right, save_checkpoint
+from stages.common.params import RewardModelParams
 from stages.common.runtime import BadInput, StageContext, log
 
 
@@ -33,35 +34,35 @@ def pair_rewards(model, tokenizer, rows: list[dict], device) -> tuple[torch.Tens
     return rewards[: len(rows)], rewards[len(rows):]
 
 
-def run(ctx: StageContext) -> dict:
-    cfg = ctx.params["reward_model"]
+def run(ctx: StageContext[RewardModelParams]) -> dict:
+    p, cfg = ctx.params, ctx.params.reward_model
     pairs = pq.read_table(ctx.fetch("data", "pairs.parquet")).to_pylist()
     if len(pairs) < 10:
         raise BadInput(f"reward_model: pairs.parquet has {len(pairs)} rows, need at least 10")
-    random.Random(ctx.params["seed"]).shuffle(pairs)
-    n_eval = max(1, int(len(pairs) * cfg["eval_fraction"]))
+    random.Random(p.seed).shuffle(pairs)
+    n_eval = max(1, int(len(pairs) * cfg.eval_fraction))
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
 
     sft_dir = ctx.fetch_dir("sft", "checkpoint")
-    trust = ctx.params["model"]["trust_remote_code"]
+    trust = p.model.trust_remote_code
     tokenizer = load_tokenizer(sft_dir, trust)
-    resumer = Resumer(ctx, cfg["save_every"], cfg["steps"])
+    resumer = Resumer(ctx, cfg.save_every, cfg.steps)
     resume_dir = resumer.model_dir()  # a killed attempt left resume state
     model = load_reward_model(resume_dir or sft_dir, trust, init_head=resume_dir is None)
     model.config.pad_token_id = tokenizer.pad_token_id
 
-    if cfg["batch_size"] % ctx.world_size:
-        raise BadInput(f"reward_model.batch_size={cfg['batch_size']} is not divisible by {ctx.world_size} ranks")
-    micro = cfg["batch_size"] // ctx.world_size
-    engine, _, scheduler = make_engine(model, ctx.params["engine"], lr=cfg["lr"], micro_batch=micro,
-                                       warmup_steps=cfg["warmup_steps"], total_steps=cfg["steps"], device=ctx.device)
+    if cfg.batch_size % ctx.world_size:
+        raise BadInput(f"reward_model.batch_size={cfg.batch_size} is not divisible by {ctx.world_size} ranks")
+    micro = cfg.batch_size // ctx.world_size
+    engine, _, scheduler = make_engine(model, p.engine, lr=cfg.lr, micro_batch=micro,
+                                       warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, device=ctx.device)
     engine.train()
-    gen = torch.Generator().manual_seed(ctx.params["seed"])
+    gen = torch.Generator().manual_seed(p.seed)
     trained = {"model": Trained(engine, scheduler, lambda m, d: save_checkpoint(m, tokenizer, d))}
     start_step = resumer.restore(trained, gen)
     started, loss_sum, acc_sum, last = time.time(), 0.0, 0.0, (float("nan"), float("nan"))
-    for step in range(start_step, cfg["steps"]):
-        batch = torch.randint(len(train_pairs), (cfg["batch_size"],), generator=gen).tolist()
+    for step in range(start_step, cfg.steps):
+        batch = torch.randint(len(train_pairs), (cfg.batch_size,), generator=gen).tolist()
         rows = [train_pairs[i] for i in batch[ctx.rank * micro : (ctx.rank + 1) * micro]]
         chosen, rejected = pair_rewards(engine, tokenizer, rows, ctx.device)
         loss = bradley_terry_loss(chosen, rejected)
@@ -71,11 +72,11 @@ def run(ctx: StageContext) -> dict:
         engine.step()
         loss_sum += loss.item()
         acc_sum += (chosen > rejected).float().mean().item()
-        if (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]:
-            loss_avg, acc_avg = (v / ctx.world_size / cfg["log_every"] for v in ctx.all_reduce_sum([loss_sum, acc_sum]))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            loss_avg, acc_avg = (v / ctx.world_size / cfg.log_every for v in ctx.all_reduce_sum([loss_sum, acc_sum]))
             ctx.log_metrics({"loss": loss_avg, "train_accuracy": acc_avg}, step=step + 1)
             if ctx.is_main:
-                log(f"reward_model step {step + 1}/{cfg['steps']} loss {loss_avg:.4f} acc {acc_avg:.3f}")
+                log(f"reward_model step {step + 1}/{cfg.steps} loss {loss_avg:.4f} acc {acc_avg:.3f}")
             last = (loss_avg, acc_avg)
             loss_sum, acc_sum = 0.0, 0.0
         resumer.maybe_save(step + 1, trained, gen)
@@ -95,4 +96,4 @@ def run(ctx: StageContext) -> dict:
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    runtime.main(run, RewardModelParams)

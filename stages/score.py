@@ -23,6 +23,7 @@ from stages.common import runtime
 from stages.common.critic import load_value_model, value_source
 from stages.common.models import load_causal_lm, load_reward_model, load_tokenizer, pack_right, token_logprobs
 from stages.common.rollouts import PPO_SCORED_SCHEMA, SCORED_SCHEMA, read_tables, write_table
+from stages.common.params import ScoreParams
 from stages.common.runtime import BadInput, StageContext, log
 from stages.common.verifier import VERIFIERS
 
@@ -61,9 +62,9 @@ def value_rows(rows, value_model, pad_id, device):
     return values
 
 
-def run(ctx: StageContext) -> dict:
-    rl = ctx.params["rl"]
-    verify = VERIFIERS[ctx.params["verifier"]]
+def run(ctx: StageContext[ScoreParams]) -> dict:
+    p = ctx.params
+    verify = VERIFIERS[p.verifier]
     answers = {r["prompt_id"]: r["answer"] for r in pq.read_table(ctx.fetch("data", "rl_prompts.parquet")).to_pylist()}
     parts = [ctx.fetch("rollouts", f.path) for f in ctx.input("rollouts").files_under("rollouts")]
     table = read_tables(parts)
@@ -74,12 +75,12 @@ def run(ctx: StageContext) -> dict:
     if missing:
         raise BadInput(f"score: rollouts name prompt ids not in rl_prompts.parquet: {sorted(missing)[:5]}")
 
-    trust = ctx.params["model"]["trust_remote_code"]
+    trust = p.model.trust_remote_code
     ref_dir, rm_dir = ctx.fetch_dir("reference", "checkpoint"), ctx.fetch_dir("reward_model", "checkpoint")
     tokenizer = load_tokenizer(ref_dir, trust)
     ref_model = load_causal_lm(ref_dir, trust).to(ctx.device).eval()
     reward_model = load_reward_model(rm_dir, trust).to(ctx.device).eval()
-    ref_lps, rm_scores = score_rows(rows, ref_model, reward_model, tokenizer.pad_token_id, rl["temperature"], ctx.device)
+    ref_lps, rm_scores = score_rows(rows, ref_model, reward_model, tokenizer.pad_token_id, p.rl.temperature, ctx.device)
     with_values = "value" in ctx.spec.inputs  # PPO: the flow passes the value model of the round
     if with_values:
         subdir, zero_head = value_source(ctx.input("value"))
@@ -89,7 +90,7 @@ def run(ctx: StageContext) -> dict:
 
     for row, ref_lp, rm_score in zip(rows, ref_lps, rm_scores):
         verified = verify(row["response"], answers[row["prompt_id"]])
-        row["reward"] = verified if rl["reward"] == "verifier" else rm_score
+        row["reward"] = verified if p.rl.reward == "verifier" else rm_score
         row["reward_info"] = json.dumps({"verifier": verified, "reward_model": rm_score})
         row["ref_logprobs"] = ref_lp
     part = f"scored/part-{ctx.rank:05d}.parquet"
@@ -111,9 +112,9 @@ def run(ctx: StageContext) -> dict:
         v_sum, v_count = ctx.all_reduce_sum([sum(sum(r["values"]) for r in rows), sum(len(r["values"]) for r in rows)])
         metrics["value_mean"] = v_sum / max(v_count, 1)
     if ctx.is_main:
-        log(f"score round {ctx.params['round']}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        log(f"score round {p.round}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     return metrics
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    runtime.main(run, ScoreParams)

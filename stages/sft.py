@@ -24,43 +24,44 @@ from stages.common.engine import full_parameters, make_engine
 from stages.common.resume import Resumer, Trained
 from stages.common.models import (build_tiny_model, encode_prompts, encode_responses, load_causal_lm,
                                   load_tokenizer, pack_right, save_checkpoint)
+from stages.common.params import SFTParams
 from stages.common.runtime import BadInput, StageContext, log
 
 
-def base_model_and_tokenizer(ctx: StageContext):
-    model_cfg = ctx.params["model"]
-    if model_cfg["tiny"] is not None:
+def base_model_and_tokenizer(ctx: StageContext[SFTParams]):
+    model_cfg = ctx.params.model
+    if model_cfg.tiny is not None:
         tokenizer = load_tokenizer(ctx.fetch_dir("data", "tokenizer"))
-        return build_tiny_model(model_cfg["tiny"], tokenizer, seed=ctx.params["seed"]), tokenizer
-    tokenizer = load_tokenizer(model_cfg["name_or_path"], model_cfg["trust_remote_code"])
-    return load_causal_lm(model_cfg["name_or_path"], model_cfg["trust_remote_code"]), tokenizer
+        return build_tiny_model(model_cfg.tiny, tokenizer, seed=ctx.params.seed), tokenizer
+    path = str(model_cfg.name_or_path)  # ModelConfig: exactly one of tiny and name_or_path
+    return load_causal_lm(path, model_cfg.trust_remote_code), load_tokenizer(path, model_cfg.trust_remote_code)
 
 
-def run(ctx: StageContext) -> dict:
-    cfg = ctx.params["sft"]
+def run(ctx: StageContext[SFTParams]) -> dict:
+    p, cfg = ctx.params, ctx.params.sft
     table = pq.read_table(ctx.fetch("data", "sft.parquet")).to_pylist()
     if not table:
         raise BadInput("sft: sft.parquet is empty")
     model, tokenizer = base_model_and_tokenizer(ctx)
-    resumer = Resumer(ctx, cfg["save_every"], cfg["steps"])
+    resumer = Resumer(ctx, cfg.save_every, cfg.steps)
     if (resume_dir := resumer.model_dir()) is not None:  # a killed attempt left resume state
-        model = load_causal_lm(resume_dir, ctx.params["model"]["trust_remote_code"])
+        model = load_causal_lm(resume_dir, p.model.trust_remote_code)
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in table])
     responses = encode_responses(tokenizer, [r["response"] for r in table])
 
-    if cfg["batch_size"] % ctx.world_size:
-        raise BadInput(f"sft.batch_size={cfg['batch_size']} is not divisible by {ctx.world_size} ranks")
-    micro = cfg["batch_size"] // ctx.world_size
-    engine, _, scheduler = make_engine(model, ctx.params["engine"], lr=cfg["lr"], micro_batch=micro,
-                                       weight_decay=cfg["weight_decay"], warmup_steps=cfg["warmup_steps"],
-                                       total_steps=cfg["steps"], device=ctx.device)
+    if cfg.batch_size % ctx.world_size:
+        raise BadInput(f"sft.batch_size={cfg.batch_size} is not divisible by {ctx.world_size} ranks")
+    micro = cfg.batch_size // ctx.world_size
+    engine, _, scheduler = make_engine(model, p.engine, lr=cfg.lr, micro_batch=micro,
+                                       weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                                       total_steps=cfg.steps, device=ctx.device)
     engine.train()
-    gen = torch.Generator().manual_seed(ctx.params["seed"])
+    gen = torch.Generator().manual_seed(p.seed)
     trained = {"model": Trained(engine, scheduler, lambda m, d: save_checkpoint(m, tokenizer, d))}
     start_step = resumer.restore(trained, gen)
     tokens_seen, loss_sum, started, last_loss = 0, 0.0, time.time(), float("nan")
-    for step in range(start_step, cfg["steps"]):
-        batch = torch.randint(len(table), (cfg["batch_size"],), generator=gen).tolist()
+    for step in range(start_step, cfg.steps):
+        batch = torch.randint(len(table), (cfg.batch_size,), generator=gen).tolist()
         mine = batch[ctx.rank * micro : (ctx.rank + 1) * micro]
         ids, attn, resp_mask = pack_right([prompts[i] for i in mine], [responses[i] for i in mine],
                                           tokenizer.pad_token_id)
@@ -75,11 +76,11 @@ def run(ctx: StageContext) -> dict:
         engine.step()
         tokens_seen += int(attn.sum())
         loss_sum += loss.item()
-        if (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]:
-            mean_loss = ctx.all_reduce_sum([loss_sum / cfg["log_every"]])[0] / ctx.world_size
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            mean_loss = ctx.all_reduce_sum([loss_sum / cfg.log_every])[0] / ctx.world_size
             ctx.log_metrics({"loss": mean_loss, "lr": engine.get_lr()[0]}, step=step + 1)
             if ctx.is_main:
-                log(f"sft step {step + 1}/{cfg['steps']} loss {mean_loss:.4f}")
+                log(f"sft step {step + 1}/{cfg.steps} loss {mean_loss:.4f}")
             last_loss, loss_sum = mean_loss, 0.0
         resumer.maybe_save(step + 1, trained, gen)
 
@@ -94,4 +95,4 @@ def run(ctx: StageContext) -> dict:
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    runtime.main(run, SFTParams)

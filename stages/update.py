@@ -11,7 +11,7 @@ Every `rl.save_every` optimizer steps (counted over all epochs) the policy, the 
 their optimizer states go to {output}/_resume/ (stages/common/resume.py), so a killed job resumes
 there; its mean metrics then cover the steps after the resume.
 
-`rl.algorithm` picks the estimator and the paper defaults of the switches (RLConfig); every
+`rl.algorithm` decides the estimator, the KL placement and the aggregation (params.RLConfig); every
 step of every algorithm is here:
   1. reward = the score's reward of record + DAPO's soft overlong penalty (rl.overlong_buffer);
   2. dynamic sampling (DAPO): groups whose rewards are all equal carry no signal and are dropped;
@@ -51,6 +51,8 @@ from stages.common.losses import (aggregate_loss, clipped_policy_loss, clipped_v
 from stages.common.models import load_causal_lm, load_tokenizer, pack_right, save_checkpoint, token_logprobs
 from stages.common.rollouts import PPO_SCORED_SCHEMA, SCORED_SCHEMA, read_tables
 from stages.common.resume import Resumer, Trained
+from stages.common.params import UpdateParams
+from stages.common.sections import UpdateConfig
 from stages.common.runtime import BadInput, StageContext, log
 
 
@@ -81,37 +83,37 @@ def padded(values: list[list[float]], prompt_lens: list[int], width: int) -> tor
     return out
 
 
-def round_advantages(samples: list[dict], rl: dict) -> dict:
+def round_advantages(samples: list[dict], rl: UpdateConfig) -> dict:
     """Steps 1, 3 and 4 for the round's kept samples (whole groups, in order); adds per-token
     `advantages` (and, for gae, `returns`) to each sample. Returns round statistics."""
-    n = rl["samples_per_prompt"]
+    n = rl.samples_per_prompt
     old_lp, mask = left_aligned([r["response_logprobs"] for r in samples])
     ref_lp, _ = left_aligned([r["ref_logprobs"] for r in samples])
     reward = torch.tensor([r["reward"] for r in samples], dtype=torch.float32)
-    reward = reward + overlong_penalty(mask.sum(dim=1), rl["max_new_tokens"], rl["overlong_buffer"],
-                                       rl["overlong_penalty"])
-    kl = kl_estimate(old_lp, ref_lp, rl["kl_estimator"]) * mask  # of the behaviour policy, per token
-    beta = rl["kl_coef"] if rl["kl_mode"] == "reward" else 0.0
+    reward = reward + overlong_penalty(mask.sum(dim=1), rl.max_new_tokens, rl.overlong_buffer,
+                                       rl.overlong_penalty)
+    kl = kl_estimate(old_lp, ref_lp, rl.kl_estimator) * mask  # of the behaviour policy, per token
+    beta = rl.kl_coef if rl.kl_mode == "reward" else 0.0
 
     returns, stats = None, {}
-    if rl["advantage"] == "grpo":
+    if rl.advantage == "grpo":
         advantages = group_advantages(reward - beta * kl.sum(dim=1), n).unsqueeze(1) * mask
-    elif rl["advantage"] == "dr_grpo":
+    elif rl.advantage == "dr_grpo":
         advantages = dr_grpo_advantages(reward - beta * kl.sum(dim=1), n).unsqueeze(1) * mask
-    elif rl["advantage"] == "rloo":
+    elif rl.advantage == "rloo":
         advantages = rloo_advantages(reward - beta * kl.sum(dim=1), n).unsqueeze(1) * mask
-    elif rl["advantage"] == "reinforce_pp":
+    elif rl.advantage == "reinforce_pp":
         token_rewards = token_level_rewards(reward, kl, mask, beta)
-        advantages = masked_whiten(discounted_returns(token_rewards, mask, rl["gamma"]), mask)
-    elif rl["advantage"] == "gae":
+        advantages = masked_whiten(discounted_returns(token_rewards, mask, rl.gamma), mask)
+    elif rl.advantage == "gae":
         values, _ = left_aligned([r["values"] for r in samples])
         token_rewards = token_level_rewards(reward, kl, mask, beta)
-        advantages, returns = gae_advantages(token_rewards, values, mask, rl["gamma"], rl["lam"])
+        advantages, returns = gae_advantages(token_rewards, values, mask, rl.gamma, rl.lam)
         advantages = masked_whiten(advantages, mask)
         stats["explained_variance"] = explained_variance(values, returns, mask)  # of the values that scored
         stats["return_mean"] = masked_mean(returns, mask).item()
     else:
-        raise BadInput(f"update: unknown advantage estimator {rl['advantage']!r}")
+        raise BadInput(f"update: unknown advantage estimator {rl.advantage!r}")
 
     for i, row in enumerate(samples):
         length = len(row["response_token_ids"])
@@ -123,29 +125,29 @@ def round_advantages(samples: list[dict], rl: dict) -> dict:
     return stats
 
 
-def run(ctx: StageContext) -> dict:
-    rl = ctx.params["rl"]
-    n = rl["samples_per_prompt"]
-    ppo = rl["algorithm"] == "ppo"
+def run(ctx: StageContext[UpdateParams]) -> dict:
+    p, rl = ctx.params, ctx.params.rl
+    n = rl.samples_per_prompt
+    ppo = rl.trains_value_model  # the gae estimator: PPO's value model trains alongside the policy
     if ppo != ("value" in ctx.spec.inputs):
-        raise BadInput(f"update: rl.algorithm {rl['algorithm']!r} " + ("needs" if ppo else "takes no") + " value input")
+        raise BadInput(f"update: rl.advantage {rl.advantage!r} " + ("needs" if ppo else "takes no") + " value input")
     rows = load_rows(ctx, n, PPO_SCORED_SCHEMA if ppo else SCORED_SCHEMA)
     groups = [rows[i : i + n] for i in range(0, len(rows), n)]
-    kept = [g for g in groups if not (rl["drop_equal_reward_groups"] and len({r["reward"] for r in g}) == 1)]
+    kept = [g for g in groups if not (rl.drop_equal_reward_groups and len({r["reward"] for r in g}) == 1)]
     samples = [r for g in kept for r in g]
     round_stats = round_advantages(samples, rl) if samples else {}
 
     policy_dir = ctx.fetch_dir("policy", "checkpoint")
-    trust = ctx.params["model"]["trust_remote_code"]
+    trust = p.model.trust_remote_code
     tokenizer = load_tokenizer(policy_dir, trust)
-    if rl["minibatch_size"] % ctx.world_size:
-        raise BadInput(f"rl.minibatch_size={rl['minibatch_size']} is not divisible by {ctx.world_size} ranks")
-    micro = rl["minibatch_size"] // ctx.world_size
+    if rl.minibatch_size % ctx.world_size:
+        raise BadInput(f"rl.minibatch_size={rl.minibatch_size} is not divisible by {ctx.world_size} ranks")
+    micro = rl.minibatch_size // ctx.world_size
     # Every rank needs at least one sample per minibatch; a round with no signal leaves the policy as it was.
-    n_minibatches = max(1, len(samples) // rl["minibatch_size"]) if len(samples) >= ctx.world_size else 0
-    resumer = Resumer(ctx, rl["save_every"], rl["epochs"] * n_minibatches)  # a killed attempt may have left state
+    n_minibatches = max(1, len(samples) // rl.minibatch_size) if len(samples) >= ctx.world_size else 0
+    resumer = Resumer(ctx, rl.save_every, rl.epochs * n_minibatches)  # a killed attempt may have left state
     policy_model = load_causal_lm(resumer.model_dir("model") or policy_dir, trust)
-    policy, _, policy_sched = make_engine(policy_model, ctx.params["engine"], lr=rl["lr"], micro_batch=micro,
+    policy, _, policy_sched = make_engine(policy_model, p.engine, lr=rl.lr, micro_batch=micro,
                                           device=ctx.device)
     policy.train()
     trained = {"model": Trained(policy, policy_sched, lambda m, d: save_checkpoint(m, tokenizer, d))}
@@ -155,19 +157,19 @@ def run(ctx: StageContext) -> dict:
         value_dir = resumer.model_dir("value")
         value_model = load_value_model(value_dir or ctx.fetch_dir("value", subdir), tokenizer.pad_token_id,
                                        zero_head and value_dir is None, trust)
-        critic, _, critic_sched = make_engine(value_model, ctx.params["engine"], lr=rl["value_lr"],
+        critic, _, critic_sched = make_engine(value_model, p.engine, lr=rl.value_lr,
                                               micro_batch=micro, device=ctx.device)
         critic.train()
         trained["value"] = Trained(critic, critic_sched, lambda m, d: save_checkpoint(m.classifier, tokenizer, d))
-    clip_low = rl["clip_eps"] if rl["clip_eps_low"] is None else rl["clip_eps_low"]
-    clip_high = rl["clip_eps"] if rl["clip_eps_high"] is None else rl["clip_eps_high"]
+    clip_low = rl.clip_eps if rl.clip_eps_low is None else rl.clip_eps_low
+    clip_high = rl.clip_eps if rl.clip_eps_high is None else rl.clip_eps_high
 
     # Each epoch's minibatch order is drawn from `gen`. The resume state keeps the generator as it
     # was before the order of the epoch in progress was drawn, so a resumed job redraws that order.
-    gen = torch.Generator().manual_seed(ctx.params["seed"] * 7919 + ctx.params["round"])
+    gen = torch.Generator().manual_seed(p.seed * 7919 + p.round)
     step = resumer.restore(trained, gen)  # optimizer steps done, counted over all epochs
     stats_log, first, tokens, started = [], {}, 0, time.time()
-    for epoch in range(step // n_minibatches if n_minibatches else 0, rl["epochs"] if n_minibatches else 0):
+    for epoch in range(step // n_minibatches if n_minibatches else 0, rl.epochs if n_minibatches else 0):
         epoch_gen = torch.Generator().set_state(gen.get_state())
         order = torch.randperm(len(samples), generator=gen)
         for mb in torch.tensor_split(order, n_minibatches)[step - epoch * n_minibatches:]:
@@ -186,13 +188,13 @@ def run(ctx: StageContext) -> dict:
             ids, attn, mask = ids.to(ctx.device), attn.to(ctx.device), mask.to(ctx.device)
 
             # Policy: clipped surrogate [+ KL term], aggregated as configured.
-            logp = token_logprobs(policy, ids, attn, rl["temperature"])
+            logp = token_logprobs(policy, ids, attn, rl.temperature)
             per_token, stats = clipped_policy_loss(logp, old_lp, adv, mask, clip_low, clip_high)
-            kl = kl_estimate(logp, ref_lp, rl["kl_estimator"])
-            if rl["kl_mode"] == "loss" and rl["kl_coef"] > 0:
-                per_token = per_token + rl["kl_coef"] * kl
-            loss = aggregate_loss(per_token, mask, rl["loss_agg"], num_seqs=num_seqs, num_tokens=num_tokens,
-                                  max_tokens=rl["max_new_tokens"])
+            kl = kl_estimate(logp, ref_lp, rl.kl_estimator)
+            if rl.kl_mode == "loss" and rl.kl_coef > 0:
+                per_token = per_token + rl.kl_coef * kl
+            loss = aggregate_loss(per_token, mask, rl.loss_agg, num_seqs=num_seqs, num_tokens=num_tokens,
+                                  max_tokens=rl.max_new_tokens)
             if not torch.isfinite(loss):
                 raise BadInput(f"update: loss is {loss.item()} at epoch {epoch} step {step}")
             policy.backward(loss)
@@ -204,7 +206,7 @@ def run(ctx: StageContext) -> dict:
                 old_values = padded([r["values"] for r in mine], prompt_lens, width).to(ctx.device)
                 returns = padded([r["returns"] for r in mine], prompt_lens, width).to(ctx.device)
                 values = critic(ids, attn)
-                v_per_token, v_stats = clipped_value_loss(values, old_values, returns, mask, rl["value_clip_eps"])
+                v_per_token, v_stats = clipped_value_loss(values, old_values, returns, mask, rl.value_clip_eps)
                 value_loss = aggregate_loss(v_per_token, mask, "token_mean", num_tokens=num_tokens)
                 if not torch.isfinite(value_loss):
                     raise BadInput(f"update: value loss is {value_loss.item()} at epoch {epoch} step {step}")
@@ -236,7 +238,7 @@ def run(ctx: StageContext) -> dict:
     mean = {k: sum(s[k] for s in stats_log) / len(stats_log) for k in stats_log[0]} if stats_log else {}
     total_tokens = ctx.all_reduce_sum([tokens])[0]
     if ctx.is_main:
-        log(f"update[{rl['algorithm']}/{rl['advantage']}] round {ctx.params['round']}: {len(kept)}/{len(groups)} "
+        log(f"update[{rl.algorithm}/{rl.advantage}] round {p.round}: {len(kept)}/{len(groups)} "
             f"groups used, {step} steps, " + ", ".join(f"{k}={v:.4f}" for k, v in {**round_stats, **mean}.items())
             + f", first step {first}")
     return {**round_stats, **mean, "ratio_dev_first": 0.0, **({"value_dev_first": 0.0} if ppo else {}), **first,
@@ -245,4 +247,4 @@ def run(ctx: StageContext) -> dict:
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    runtime.main(run, UpdateParams)

@@ -14,7 +14,7 @@ import statistics
 import pytest
 import torch
 
-from stages.common.params import RLConfig
+from stages.common.sections import ALGORITHM_PRESETS, ESTIMATOR_KEYS, RLConfig, UpdateConfig
 from tests.rl_batches import packed_batch, rand, response
 from stages.common.losses import (discounted_returns, dr_grpo_advantages, explained_variance, gae_advantages,
                                   group_advantages, masked_whiten, overlong_penalty, rloo_advantages,
@@ -167,23 +167,27 @@ def scored_rows(seed: int, groups: int = 3, n: int = 4, with_values: bool = Fals
     return rows
 
 
-def rl_params(**overrides) -> dict:
-    return RLConfig.model_validate({"samples_per_prompt": 4, "max_new_tokens": 6, **overrides}).model_dump()
+def rl_params(algorithm: str, **overrides) -> UpdateConfig:
+    """What update reads of `rl`: the algorithm's preset, or `custom` where an override departs from it."""
+    preset = dict(zip(ESTIMATOR_KEYS, ALGORITHM_PRESETS[algorithm]))
+    if any(overrides.get(k, v) != v for k, v in preset.items()):
+        algorithm = "custom"
+    return UpdateConfig(samples_per_prompt=4, max_new_tokens=6, algorithm=algorithm, **{**preset, **overrides})
 
 
-def kl_of(row: dict, rl: dict) -> list[float]:
+def kl_of(row: dict, rl: UpdateConfig) -> list[float]:
     """Per-token k1/k2/k3 of the behaviour policy against the reference (Schulman 2020)."""
     out = []
     for lp, ref in zip(row["response_logprobs"], row["ref_logprobs"]):
         log_r = ref - lp
-        out.append({"k1": -log_r, "k2": 0.5 * log_r**2, "k3": min(math.exp(log_r) - 1 - log_r, 10.0)}[rl["kl_estimator"]])
+        out.append({"k1": -log_r, "k2": 0.5 * log_r**2, "k3": min(math.exp(log_r) - 1 - log_r, 10.0)}[rl.kl_estimator])
     return out
 
 
-def penalised_reward(row: dict, rl: dict) -> float:
+def penalised_reward(row: dict, rl: UpdateConfig) -> float:
     n = len(row["response_token_ids"])
-    buffer, cap = rl["overlong_buffer"], rl["max_new_tokens"]
-    pen = min(0.0, -(n - (cap - buffer)) / buffer * rl["overlong_penalty"]) if buffer else 0.0
+    buffer, cap = rl.overlong_buffer, rl.max_new_tokens
+    pen = min(0.0, -(n - (cap - buffer)) / buffer * rl.overlong_penalty) if buffer else 0.0
     return row["reward"] + pen
 
 
@@ -261,8 +265,28 @@ def test_algorithm_configs(algorithm, advantage, kl_mode, kl_estimator, loss_agg
     assert (cfg.rl.algorithm, cfg.rl.advantage, cfg.rl.kl_mode, cfg.rl.kl_estimator, cfg.rl.loss_agg) == (
         algorithm, *expected)
     assert cfg.rl.reward == ("reward_model" if algorithm == "ppo" else "verifier")
-    # An explicit key wins over the algorithm's default.
-    assert RLConfig.model_validate({"algorithm": algorithm, "loss_agg": "token_mean"}).loss_agg == "token_mean"
+    # A key that restates the algorithm's choice is fine; one that contradicts it is an error naming both.
+    assert RLConfig.model_validate({"algorithm": algorithm, "loss_agg": loss_agg}).loss_agg == loss_agg
+    other = "token_mean" if loss_agg != "token_mean" else "seq_mean_token_mean"
+    with pytest.raises(ValueError, match=f"rl.loss_agg '{other}' contradicts rl.algorithm '{algorithm}'"):
+        RLConfig.model_validate({"algorithm": algorithm, "loss_agg": other})
+
+
+def test_custom_names_the_variant_explicitly():
+    mixed = {"advantage": "rloo", "kl_mode": "loss", "kl_estimator": "k3", "loss_agg": "token_mean"}
+    rl = RLConfig.model_validate({"algorithm": "custom", **mixed})
+    assert (rl.advantage, rl.kl_mode, rl.kl_estimator, rl.loss_agg) == tuple(mixed.values())
+    assert not rl.trains_value_model
+    with pytest.raises(ValueError, match=r"rl.algorithm 'custom' takes its variant from the YAML: set rl.kl_estimator"):
+        RLConfig.model_validate({"algorithm": "custom", "advantage": "rloo", "kl_mode": "loss", "loss_agg": "token_mean"})
+    # gae under custom trains the value model, as ppo does
+    assert RLConfig.model_validate({"algorithm": "custom", **mixed, "advantage": "gae"}).trains_value_model
+
+
+def test_value_keys_need_a_value_model():
+    with pytest.raises(ValueError, match=r"rl.value_lr is set, but rl.algorithm 'grpo' trains no value model"):
+        RLConfig.model_validate({"algorithm": "grpo", "value_lr": 1e-4})
+    assert RLConfig.model_validate({"algorithm": "ppo", "value_lr": 1e-4}).value_lr == 1e-4
 
 
 def test_gae_needs_the_value_model_of_ppo():

@@ -54,6 +54,30 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
+def test_config_contradicting_its_algorithm_names_both_keys(tmp_path):
+    data = small_config(tmp_path, **{"rl.algorithm": "rloo", "rl.advantage": "grpo"})
+    with pytest.raises(ConfigError, match=r"rl.advantage 'grpo' contradicts rl.algorithm 'rloo'.*rl.algorithm: custom"):
+        parse_config(data)
+    mixed = parse_config(small_config(tmp_path, **{"rl.algorithm": "custom", "rl.advantage": "grpo", "rl.kl_mode": "reward",
+                                                   "rl.kl_estimator": "k1", "rl.loss_agg": "token_mean"}))
+    assert (mixed.rl.advantage, mixed.rl.kl_mode) == ("grpo", "reward")
+
+
+def test_stage_params_hold_only_what_the_stage_reads(tmp_path):
+    from tasks.spec import stage_params
+
+    cfg = parse_config(small_config(tmp_path))
+    generate = stage_params("generate", cfg, 0)
+    assert set(generate.rl.model_fields) == {"prompts_per_round", "samples_per_prompt", "temperature", "top_p",
+                                             "max_new_tokens"}
+    assert generate.rl.temperature == cfg.rl.temperature and generate.round == 0
+    # A key that one stage does not read leaves that stage's key alone, and changes the stage that reads it.
+    lr = parse_config(small_config(tmp_path, **{"rl.lr": 0.5}))
+    assert stage_params("generate", lr, 0) == generate
+    assert stage_params("update", lr, 0) != stage_params("update", cfg, 0)
+    assert stage_params("update", lr, 0).rl.lr == 0.5
+
+
 def test_digest_ignores_where_not_what(tmp_path):
     a = parse_config(small_config(tmp_path))
     b = parse_config(small_config(tmp_path / "elsewhere"))

@@ -17,6 +17,7 @@ import torch
 
 from stages.common import store
 from stages.common.critic import load_value_model, value_source
+from stages.common.sections import TinyModelConfig
 from stages.common.models import (build_tiny_model, load_reward_model, pack_right, save_checkpoint,
                                   train_char_tokenizer)
 from stages.common.rollouts import PPO_SCORED_SCHEMA, read_tables
@@ -26,8 +27,8 @@ from stages.common.rollouts import PPO_SCORED_SCHEMA, read_tables
 def tiny_checkpoint(tmp_path_factory):
     """A tiny causal LM saved as the SFT stage saves it."""
     tokenizer = train_char_tokenizer(["0123456789+="])
-    model = build_tiny_model({"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-                              "max_position_embeddings": 32}, tokenizer, seed=0)
+    model = build_tiny_model(TinyModelConfig(**{"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+                                                  "max_position_embeddings": 32}), tokenizer, seed=0)
     path = tmp_path_factory.mktemp("sft") / "checkpoint"
     save_checkpoint(model, tokenizer, path)
     return path, tokenizer

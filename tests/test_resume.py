@@ -14,7 +14,7 @@ from stages.common import store
 from tasks.config import parse_config
 from stages.common.runtime import StageSpec
 from tasks.launch import PROJECT_ROOT, job_env, kill_tree, run_job, torchrun_command
-from tasks.stage import stage_params
+from tasks.spec import code_version, stage_params
 from tests.conftest import small_config
 
 
@@ -22,7 +22,7 @@ def write_spec(cfg, stage: str, name: str, inputs: dict[str, str], round_idx: in
                debug: dict | None = None) -> str:
     out = store.join(cfg.storage_root(), cfg.pipeline, stage, name)
     spec = StageSpec(stage=stage, key=name, pipeline=cfg.pipeline, inputs=inputs, output=out,
-                     params=stage_params(stage, cfg, round_idx), code_version=store.code_version(stage),
+                     params=stage_params(stage, cfg, round_idx).model_dump(mode="json"), code_version=code_version(stage),
                      debug=debug or {})
     store.write_json(store.join(out, store.SPEC), spec.to_json())
     return store.join(out, store.SPEC)

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from .sections import EngineConfig
+
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
@@ -33,7 +35,7 @@ def linear_warmup(optimizer, warmup_steps: int, total_steps: int | None):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
 
 
-def make_engine(model, engine_cfg: dict, *, lr: float, micro_batch: int, grad_accum: int = 1,
+def make_engine(model, engine_cfg: EngineConfig, *, lr: float, micro_batch: int, grad_accum: int = 1,
                 weight_decay: float = 0.0, warmup_steps: int = 0, total_steps: int | None = None,
                 device: torch.device | None = None):
     """Wrap `model` in a DeepSpeed engine; returns (engine, optimizer, scheduler)."""
@@ -41,14 +43,14 @@ def make_engine(model, engine_cfg: dict, *, lr: float, micro_batch: int, grad_ac
     import deepspeed
 
     device = device or torch.device("cpu")
-    dtype = resolve_dtype(engine_cfg["dtype"], device)
+    dtype = resolve_dtype(engine_cfg.dtype, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     scheduler = linear_warmup(optimizer, warmup_steps, total_steps)
     ds_config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": engine_cfg["gradient_clipping"],
-        "zero_optimization": {"stage": engine_cfg["zero_stage"]},
+        "gradient_clipping": engine_cfg.gradient_clipping,
+        "zero_optimization": {"stage": engine_cfg.zero_stage},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .sections import TinyModelConfig
+
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
 
@@ -29,17 +31,17 @@ def train_char_tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS)
 
 
-def build_tiny_model(tiny_cfg: dict, tokenizer, seed: int):
+def build_tiny_model(tiny: TinyModelConfig, tokenizer, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=tiny_cfg["hidden_size"],
-        num_hidden_layers=tiny_cfg["num_layers"],
-        num_attention_heads=tiny_cfg["num_heads"],
-        num_key_value_heads=tiny_cfg["num_heads"],
-        intermediate_size=tiny_cfg["intermediate_size"],
-        max_position_embeddings=tiny_cfg["max_position_embeddings"],
+        hidden_size=tiny.hidden_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_heads,
+        intermediate_size=tiny.intermediate_size,
+        max_position_embeddings=tiny.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

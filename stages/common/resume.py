@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,8 +35,8 @@ class Trained(NamedTuple):
     """One model a stage trains: its DeepSpeed engine, LR scheduler, and how to save its weights
     (`save_model(module, directory)`, in a form the stage can load back before wrapping it)."""
 
-    engine: object
-    scheduler: object
+    engine: Any
+    scheduler: Any
     save_model: Callable
 
 
@@ -72,7 +72,7 @@ class Resumer:
         self.total_steps = total_steps
         self.uri = store.join(ctx.spec.output, PREFIX)
         self.opts = ctx.spec.storage_options
-        self.latest = self._read_latest()
+        self.latest: Any = self._read_latest()  # latest.json, or None
 
     def _read_latest(self) -> dict | None:
         fs, base = store.filesystem(self.uri, self.opts)
@@ -96,8 +96,7 @@ class Resumer:
         local.parent.mkdir(parents=True, exist_ok=True)
         fs, base = store.filesystem(self.uri, self.opts)
         fs.get_file(posixpath.join(base, relpath), str(local))
-        if store.sha256_file(local) != entry["sha256"]:
-            raise store.ArtifactError(f"{store.join(self.uri, relpath)}: resume file does not match its hash")
+        store.check_file(store.LOCAL_FS, str(local), store.FileEntry(**entry), store.join(self.uri, relpath))
         return local
 
     def model_dir(self, name: str = "model"):

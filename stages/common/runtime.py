@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -72,7 +72,7 @@ class StageContext(Generic[P]):
         self._files: list[store.FileEntry] = []
         self._artifacts: dict[str, store.Artifact] = {}
         self._metric_buffer: list[tuple[str, float, int]] = []
-        self._mlflow = None
+        self._mlflow: Any = None  # MlflowClient, made on the first flush
         self.device = self._init_distributed()
 
     # --- distributed -------------------------------------------------------------------
