@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 from prefect import flow, get_run_logger, task
@@ -24,15 +23,9 @@ from tasks.stage import StageResult, configured
 
 MAX_CHAMPION_CHANGES = 5
 
-
-@task(name="registry-gate", task_run_name="registry-gate[v{version}]", cache_policy=NO_CACHE)
-def registry_gate(cfg: PipelineConfig, run: mlf.Tracking, version: str, candidate_score: float,
-                  champion_scores: dict[str, float], eval_data_digest: str) -> pr.Decision:
-    """The decision under the lock; ChampionChanged if the champion is one not evaluated here."""
-    p = cfg.promote
-    return pr.promote_version(mlf.client(run.uri), cfg.tracking.registered_model, version, candidate_score,
-                              champion_scores, margin=p.margin, min_score=p.min_score, metric=p.metric,
-                              eval_data_digest=eval_data_digest, extra_tags={"promotion_run_id": run.parent_run_id})
+# promote_version (the decision under the lock) as a task run of its own; ChampionChanged propagates.
+registry_gate = task(pr.promote_version, name="registry-gate", task_run_name="registry-gate[v{version}]",
+                     cache_policy=NO_CACHE)
 
 
 def evaluate_version(cfg: PipelineConfig, run: mlf.Tracking, version: str, role: str, *, data: StageResult,
@@ -42,30 +35,23 @@ def evaluate_version(cfg: PipelineConfig, run: mlf.Tracking, version: str, role:
     opts = cfg.storage_options()
     source = mlf.client(run.uri).get_model_version(cfg.tracking.registered_model, version).source
 
-    @contextlib.contextmanager
-    def checkpoint_errors():
+    def checked(check, *args):
         try:
-            yield
+            return check(*args)
         except store.ArtifactError as err:
             error = pr.CandidateInvalid if role == "candidate" else pr.ChampionUnavailable
             raise error(f"{role} v{version} checkpoint is missing or invalid: {err}") from err
 
-    with checkpoint_errors():
-        art = pr.checkpoint_artifact(source, opts)  # the manifest and every file's size, now
-        if policy is not None and art.digest != policy.artifact.digest:
-            raise store.ArtifactError(f"{source}: not the candidate policy {policy.uri} (manifest digests differ)")
+    art = checked(pr.checkpoint_artifact, source, opts, None if policy is None else policy.artifact.digest)
     inputs = {"policy": StageResult(art, launched=False), "data": data, "reward_model": reward_model}
     try:
         result = configured(cfg)("evaluate", cfg, inputs, run, label=f"[{role} v{version}]")
     except Exception:
-        with checkpoint_errors():  # the checkpoint's fault rather than the job's?
-            store.verify_files(art, opts, prefix=pr.CHECKPOINT)
+        checked(store.verify_files, art, opts, pr.CHECKPOINT)  # the checkpoint's fault rather than the job's?
         raise
-    # A reused evaluation did not hash the checkpoint this time, and the candidate's bytes are what
-    # the alias will serve. (A reused champion's score stands: it was measured on its bytes.)
+    # A reused evaluation did not hash the candidate's bytes this time, and the alias may serve them.
     if role == "candidate" and not result.launched:
-        with checkpoint_errors():
-            store.verify_files(art, opts, prefix=pr.CHECKPOINT)
+        checked(store.verify_files, art, opts, pr.CHECKPOINT)
     return result
 
 
@@ -76,20 +62,19 @@ def _score(evaluation: StageResult | None, metric: str) -> float | None:
 def _gate(cfg: PipelineConfig, run: mlf.Tracking, version: str, candidate: StageResult,
           champions: dict[str, StageResult], data: StageResult, reward_model: StageResult) -> pr.Decision:
     """Evaluate the champion (into `champions`) and gate; if the champion changed meanwhile, again."""
-    name, metric = cfg.tracking.registered_model, cfg.promote.metric
-    champion = pr.champion_version(mlf.client(run.uri), name)
+    client, name, p = mlf.client(run.uri), cfg.tracking.registered_model, cfg.promote
+    champion = pr.champion_version(client, name)
     for _ in range(MAX_CHAMPION_CHANGES):
         if champion is not None and champion != version and champion not in champions:
-            champions[champion] = evaluate_version(cfg, run, champion, "champion", data=data,
-                                                   reward_model=reward_model)
+            champions[champion] = evaluate_version(cfg, run, champion, "champion", data=data, reward_model=reward_model)
         try:
-            return registry_gate(cfg, run, version, _score(candidate, metric),
-                                 {v: _score(r, metric) for v, r in champions.items()}, data.artifact.digest)
-        except pr.ChampionChanged as changed:
-            get_run_logger().info("%s: evaluating it, then deciding again", changed)
+            return registry_gate(client, name, version, _score(candidate, p.metric),
+                                 {v: _score(r, p.metric) for v, r in champions.items()}, margin=p.margin,
+                                 min_score=p.min_score, metric=p.metric, eval_data_digest=data.artifact.digest,
+                                 extra_tags={"promotion_run_id": run.parent_run_id})
+        except pr.ChampionChanged as changed:  # promoted meanwhile: evaluate the new champion, gate again
             champion = changed.version
-    raise pr.PromotionError(f"the champion of {name} changed {MAX_CHAMPION_CHANGES} times during this "
-                            "promotion; giving up")
+    raise pr.PromotionError(f"the champion of {name} changed {MAX_CHAMPION_CHANGES} times during this promotion")
 
 
 def _promote(cfg: PipelineConfig, run: mlf.Tracking, version: str, policy: StageResult | None = None,
@@ -98,7 +83,7 @@ def _promote(cfg: PipelineConfig, run: mlf.Tracking, version: str, policy: Stage
     client, name, metric = mlf.client(run.uri), cfg.tracking.registered_model, cfg.promote.metric
     candidate, champions, error = None, {}, None
     try:
-        if data is None:  # the standalone flow: this config's held-out set and reward model
+        if data is None:  # the standalone flow: the candidate never picks its own exam
             stage = configured(cfg)
             data = stage("data_prep", cfg, {}, run)
             sft = stage("sft", cfg, {"data": data}, run)
@@ -117,7 +102,6 @@ def _promote(cfg: PipelineConfig, run: mlf.Tracking, version: str, policy: Stage
         create_markdown_artifact(markdown=report.markdown(client, cfg, summary, evals),
                                  key=re.sub(r"[^a-z0-9]+", "-", f"promotion-{name}".lower()).strip("-")[:100],
                                  description=f"{name} v{version}: {summary['decision']}")
-        report.log_run(run, summary)
         if error is not None:
             raise error
     except BaseException:
@@ -131,16 +115,14 @@ def _promote(cfg: PipelineConfig, run: mlf.Tracking, version: str, policy: Stage
 
 def promote_policy(cfg: PipelineConfig, tracking: mlf.Tracking, version: str, *, policy: StageResult,
                    data: StageResult, reward_model: StageResult) -> dict:
-    """The nightly flow's last step: gate the policy it just registered as `version`. Its promotion
-    run nests under the pipeline run; evaluations reuse the flow's (same keys)."""
+    """The nightly flow's last step: gate the policy it registered as `version`, under its pipeline run."""
     run = pr.start_promotion_run(cfg, f"promote[v{version}]", parent_run_id=tracking.parent_run_id)
     return _promote(cfg, run, str(version), policy, data, reward_model)
 
 
 @flow(name="promote")
 def promote(config_path: str = "configs/tiny.yaml", candidate_version: str | None = None) -> dict:
-    """Gate one registered version (default: the latest) against the current champion, on this
-    config's held-out set and reward model: the candidate never picks its own exam."""
+    """Gate a registered version (default: the latest) on this config's held-out set and reward model."""
     cfg = load_config(config_path)
     client, name = mlf.client(cfg.tracking_uri()), cfg.tracking.registered_model
     version = str(candidate_version) if candidate_version is not None else pr.latest_version(client, name)

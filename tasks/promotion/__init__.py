@@ -1,10 +1,4 @@
-"""Promotion in the MLflow model registry, without Prefect (flows/promote.py evaluates and calls it).
-
-    rule       decide(): candidate > champion + margin and candidate >= min_score, pure
-    lock       RegistryLock: mutual exclusion between promotions on unique registered-model names
-    registry   promote_version(): under the lock, re-read the champion, decide, move the alias, tag
-    report     the summary, the markdown comparison and the promotion run's tags
-"""
+"""Promotion in the MLflow registry, without Prefect; modules import only earlier ones: rule, lock, registry, report."""
 
 from tasks import tracking as mlf  # noqa: F401
 

@@ -1,11 +1,7 @@
-"""A mutex between promotions, on the registry's unique model names.
-
-MLflow has no compare-and-set on aliases: two promotions that both read the champion and set the
-alias can lose an update. Creating a registered model is atomic and unique by name, so whoever
-creates `{name}.promotion-lock` holds the lock; the others poll. A lock older than `stale_after_s`
-(its holder crashed) is broken. Every delete (release or break) holds `{name}.promotion-lock.breaker`
-and re-checks the owner first, so a slow holder's release never deletes its successor's lock.
-"""
+"""A mutex between promotions: MLflow has no compare-and-set on aliases, but creating a registered
+model is atomic and unique by name. Whoever creates `{name}.promotion-lock` holds it; the others poll;
+a stale one (its holder crashed) is broken. Every delete (release or break) holds the `.breaker` model
+and re-checks the owner first, so a slow holder's release never deletes its successor's lock."""
 
 from __future__ import annotations
 
@@ -35,8 +31,8 @@ class LockLost(PromotionError):
 
 
 def _registry_call(fn, *expected_codes: str, attempts: int = 6, delay_s: float = 0.2):
-    """`fn()`, or None where the registry answers with one of `expected_codes`. Transient errors (a
-    busy SQLite file, a restarting server) are retried with backoff: lock traffic is bursty by nature."""
+    """`fn()`, or None for an error with one of `expected_codes`; transient errors (a busy SQLite file,
+    a restarting server) are retried with backoff, lock traffic being bursty by nature."""
     for i in range(attempts):
         try:
             return fn()
@@ -70,8 +66,7 @@ class _Mutex:
         return _registry_call(lambda: self.client.create_registered_model(
             self.model_name,
             tags={"lock.owner": self.owner, "lock.acquired_at": repr(time.time()), "lock.purpose": self.purpose},
-            description=f"alignflow promotion lock held by {self.owner} ({self.purpose}); "
-                        "deleted on release, broken when older than its stale timeout",
+            description=f"alignflow promotion lock ({self.purpose}): deleted on release, broken when stale",
         ), "RESOURCE_ALREADY_EXISTS", *MISSING) is not None
 
     def holder(self) -> Holder | None:
@@ -90,12 +85,7 @@ class _Mutex:
 
 
 class RegistryLock:
-    """Serialises promotions of one registered model across processes and machines.
-
-        with RegistryLock(client, "my-policy", timeout_s=600, stale_after_s=120) as lock:
-            ...            # read the champion, decide
-            lock.verify()  # still ours: move the alias
-    """
+    """Serialises promotions of a model across machines; `verify()` just before moving the alias."""
 
     def __init__(self, client, name: str, *, timeout_s: float = 600.0, stale_after_s: float = 120.0,
                  poll_s: float = 0.25, purpose: str = ""):
@@ -150,11 +140,10 @@ class RegistryLock:
                            f"(now held by {current.owner if current else 'nobody'}); nothing was changed")
 
     def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        if not self._delete_if_owner(self.lock.owner):
-            log.warning("promotion lock %s was broken while we held it", self.lock.model_name)
+        if self.held:
+            self.held = False
+            if not self._delete_if_owner(self.lock.owner):
+                log.warning("promotion lock %s was broken while we held it", self.lock.model_name)
 
     def __enter__(self) -> "RegistryLock":
         return self.acquire()

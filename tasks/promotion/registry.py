@@ -31,8 +31,7 @@ def latest_version(client, name: str) -> str:
     return str(max(versions))
 
 
-def record_decision(client, name: str, decision: Decision, eval_data_digest: str,
-                    extra_tags: dict[str, str] | None = None) -> None:
+def record_decision(client, name: str, decision: Decision, eval_data_digest: str, extra_tags: dict | None = None):
     for k, v in {**decision.tags(eval_data_digest), **(extra_tags or {})}.items():
         client.set_model_version_tag(name, decision.candidate_version, k, str(v)[:5000])
 
@@ -41,11 +40,8 @@ def promote_version(client, name: str, version: str, candidate_score: float | No
                     champion_scores: dict[str, float], *, margin: float, min_score: float,
                     metric: str = "accuracy", eval_data_digest: str = "", extra_tags: dict[str, str] | None = None,
                     lock_timeout_s: float = 600.0, stale_lock_s: float = 120.0, poll_s: float = 0.25) -> Decision:
-    """Under the lock: re-read the champion, decide, move the alias if accepted, tag the candidate.
-
-    `champion_scores`: versions' scores on the same held-out set. A champion not in it raises
-    ChampionChanged, and nothing changes: evaluate that version and call again.
-    """
+    """Under the lock: re-read the champion, decide, move the alias if accepted, tag the candidate. A
+    champion without a score in `champion_scores` raises ChampionChanged, changing nothing."""
     version = str(version)
     with RegistryLock(client, name, timeout_s=lock_timeout_s, stale_after_s=stale_lock_s, poll_s=poll_s,
                       purpose=f"promote v{version}") as lock:
@@ -68,23 +64,25 @@ def promote_version(client, name: str, version: str, candidate_score: float | No
     return decision
 
 
-def checkpoint_artifact(source: str, storage_options: dict | None = None) -> store.Artifact:
-    """The pipeline artifact whose `checkpoint/` a model version's source is; store.ArtifactError (naming
-    the file) if its manifest is missing or unreadable or a file is missing or of the wrong size."""
+def checkpoint_artifact(source: str, storage_options: dict | None = None, digest: str | None = None) -> store.Artifact:
+    """The pipeline artifact whose `checkpoint/` a model version's source is (and whose manifest digest
+    is `digest`, if given); store.ArtifactError naming the file if a file is missing or of the wrong size."""
     src = source.rstrip("/")
     if posixpath.basename(src) != CHECKPOINT:
         raise store.ArtifactError(f"{source}: not a pipeline checkpoint (expected <artifact uri>/{CHECKPOINT})")
     art = store.read_artifact(src[: -len(CHECKPOINT) - 1], storage_options)
     if not art.files_under(CHECKPOINT):
         raise store.ArtifactError(f"{source}: the manifest lists no files under {CHECKPOINT}/")
+    if digest is not None and art.digest != digest:
+        raise store.ArtifactError(f"{source}: not the expected policy (manifest digest {art.digest[:12]}, "
+                                  f"expected {digest[:12]})")
     return art
 
 
 def champion_checkpoint(tracking_uri: str, name: str, dst: str | os.PathLike,
                         storage_options: dict | None = None, alias: str = CHAMPION) -> Path:
-    """Download `models:/<name>@champion` into `dst` (the directory `from_pretrained` loads): through the
-    store, hash-checked, if it is a pipeline checkpoint; else through MLflow. The s3:// endpoint, unless
-    `storage_options` say otherwise: $MLFLOW_S3_ENDPOINT_URL."""
+    """`models:/<name>@champion` as a `from_pretrained` directory in `dst`: hash-checked from the store
+    (s3:// endpoint: $MLFLOW_S3_ENDPOINT_URL, unless `storage_options`), else MLflow's download."""
     mv = mlf.client(tracking_uri).get_model_version_by_alias(name, alias)
     if storage_options is None:
         storage_options = store.storage_options(mv.source, os.environ.get("MLFLOW_S3_ENDPOINT_URL"))
@@ -92,7 +90,6 @@ def champion_checkpoint(tracking_uri: str, name: str, dst: str | os.PathLike,
         art = checkpoint_artifact(mv.source, storage_options)
     except store.ArtifactError:  # no manifest beside it: not one of ours
         import mlflow.artifacts
-
         # The resolved source, not `models:/...`: that would resolve through the default registry URI.
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst),
                                                         tracking_uri=tracking_uri))
@@ -101,8 +98,7 @@ def champion_checkpoint(tracking_uri: str, name: str, dst: str | os.PathLike,
 
 def start_promotion_run(cfg: PipelineConfig, run_name: str, *, parent_run_id: str | None = None,
                         flow_run_id: str | None = None) -> mlf.Tracking:
-    """The MLflow run of one promotion (its evaluate runs nest under it): under the pipeline run, or
-    top level, tagged with the Prefect flow run so that a retry of that flow run continues it."""
+    """The MLflow run of a promotion: under the pipeline run, or one that a retry of the flow run continues."""
     tags = {"alignflow.kind": "promotion", "alignflow.stage": "promote", "alignflow.pipeline": cfg.pipeline,
             "alignflow.config_digest": cfg.digest()}
     if parent_run_id:

@@ -1,7 +1,5 @@
-"""What a promotion reports: the flow's summary, a markdown comparison, the promotion run's tags.
-
-`evals` maps "candidate" and "champion" to their evaluate StageResult, or None.
-"""
+"""What a promotion reports: the flow's summary (the promotion run's tags too), a markdown comparison.
+`evals` maps "candidate" and "champion" to their evaluate StageResult, or None."""
 
 from __future__ import annotations
 
@@ -11,10 +9,12 @@ from tasks.config import PipelineConfig
 from .registry import champion_version
 from .rule import NONE, Decision
 
+
 def summary(client, cfg: PipelineConfig, run: mlf.Tracking, decision: Decision, eval_data_digest: str,
             evals: dict, error: str | None = None) -> dict:
+    """The flow's summary; the promotion run gets it as `promotion.*` tags and the scores as metrics."""
     name, candidate_eval = cfg.tracking.registered_model, evals["candidate"]
-    return {
+    s = {
         "registered_model": name,
         "candidate_version": decision.candidate_version,
         "decision": "accepted" if decision.accepted else "rejected",
@@ -34,6 +34,11 @@ def summary(client, cfg: PipelineConfig, run: mlf.Tracking, decision: Decision, 
            for role, ev in evals.items()},
         "error": error,
     }
+    keys = ("decision", "reason", "registered_model", "candidate_version", "champion_after", "eval_data_digest")
+    tags = {f"promotion.{k}": s[k] for k in keys} | {"promotion.champion_before": s["champion_version"]}
+    mlf.set_tags(run, run.parent_run_id, {k: v or NONE for k, v in tags.items()})
+    mlf.log_metrics(run, run.parent_run_id, {k: s[k] for k in ("candidate_score", "champion_score")})
+    return s
 
 
 def markdown(client, cfg: PipelineConfig, s: dict, evals: dict) -> str:
@@ -67,11 +72,3 @@ def markdown(client, cfg: PipelineConfig, s: dict, evals: dict) -> str:
         f"- champion after: {version(s['champion_after'])}",
         f"- MLflow: `{uri}`, experiment `{exp}`, promotion run {run(s['mlflow_run_id'])}",
         *([f"- error: `{s['error']}`"] if s["error"] else [])])
-
-
-def log_run(run: mlf.Tracking, s: dict) -> None:
-    """The promotion run's `promotion.*` tags, and its two scores as metrics."""
-    keys = ("decision", "reason", "registered_model", "candidate_version", "champion_after", "eval_data_digest")
-    tags = {f"promotion.{k}": s[k] for k in keys} | {"promotion.champion_before": s["champion_version"]}
-    mlf.set_tags(run, run.parent_run_id, {k: v or NONE for k, v in tags.items()})
-    mlf.log_metrics(run, run.parent_run_id, {k: s[k] for k in ("candidate_score", "champion_score")})

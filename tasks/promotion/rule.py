@@ -60,8 +60,7 @@ def _finite(x) -> bool:
 
 def decide(candidate_score: float | None, champion_score: float | None, *, margin: float, min_score: float,
            candidate_version: str, champion_version: str | None, metric: str = "accuracy") -> Decision:
-    """Promote only when candidate > champion + margin and candidate >= min_score (with no champion
-    yet, min_score only). The champion itself stays so (accepted); equal scores are a rejection."""
+    """Accept iff candidate > champion + margin and candidate >= min_score (no champion: min_score only)."""
     cv, chv = str(candidate_version), None if champion_version is None else str(champion_version)
     d = dict(candidate_version=cv, candidate_score=candidate_score, champion_version=chv,
              champion_score=champion_score)
