@@ -140,17 +140,12 @@ def run_stage_job(stage: str, cfg, inputs: dict[str, "JobResult"], *, round_idx:
     """One stage as the pipeline's task launches it (minus Prefect/MLflow): key, spec, torchrun job,
     manifest. Returns the artifact and the job's wall time (process start to exit)."""
     from stages.common import store
-    from stages.common.runtime import StageSpec
     from tasks.launch import job_env, run_job, torchrun_command
-    from tasks.stage import stage_params
+    from tasks.spec import stage_spec
 
-    params = stage_params(stage, cfg, round_idx)
-    code = store.code_version(stage)
-    key = store.compute_key(stage, params, {n: r.artifact.digest for n, r in inputs.items()}, code)
-    output = store.stage_output_uri(cfg.storage_root(), cfg.pipeline, stage, key)
+    spec = stage_spec(stage, cfg, {name: r.artifact for name, r in inputs.items()}, round_idx)
+    output = spec.output
     store.remove_manifest(output)
-    spec = StageSpec(stage=stage, key=key, pipeline=cfg.pipeline, inputs={n: r.uri for n, r in inputs.items()},
-                     output=output, params=params, code_version=code, storage_options={}, tracking={})
     spec_uri = store.join(output, store.SPEC)
     store.write_json(spec_uri, spec.to_json())
     cmd = (wrap or []) + torchrun_command(stage, spec_uri, nproc)

@@ -62,7 +62,7 @@ def probe() -> None:
 
     marks.append(("import deepspeed", time.time()))
     from stages.common.engine import make_engine
-    from stages.common.params import EngineConfig
+    from stages.common.sections import EngineConfig
 
     make_engine(model, EngineConfig(zero_stage=2, dtype="fp32"), lr=1e-3, micro_batch=32)
     marks.append(("deepspeed.initialize (ZeRO-2)", time.time()))

@@ -70,7 +70,7 @@ def trl_sft_worker(a: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from stages.common.models import build_tiny_model, encode_prompts, encode_responses, load_tokenizer
-    from stages.common.params import TinyModelConfig
+    from stages.common.sections import TinyModelConfig
 
     t_imports = time.perf_counter() - t_process
     table = pq.read_table(a["sft_parquet"]).to_pylist()

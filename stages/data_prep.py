@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.common import runtime
-from stages.common.params import DataPrepParams, HFDataConfig, SyntheticDataConfig
+from stages.common.params import DataPrepParams
+from stages.common.sections import HFDataConfig, SyntheticDataConfig
 from stages.common.runtime import BadInput, StageContext, log
 
 

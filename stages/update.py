@@ -51,7 +51,8 @@ from stages.common.losses import (aggregate_loss, clipped_policy_loss, clipped_v
 from stages.common.models import load_causal_lm, load_tokenizer, pack_right, save_checkpoint, token_logprobs
 from stages.common.rollouts import PPO_SCORED_SCHEMA, SCORED_SCHEMA, read_tables
 from stages.common.resume import Resumer, Trained
-from stages.common.params import UpdateConfig, UpdateParams
+from stages.common.params import UpdateParams
+from stages.common.sections import UpdateConfig
 from stages.common.runtime import BadInput, StageContext, log
 
 

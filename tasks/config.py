@@ -1,9 +1,9 @@
 """The pipeline config: one strict schema, validated before any compute starts.
 
 Unknown keys and wrong types are errors that name the key (`rl.clip_eps: Input should be
-a valid number`). The sections the stages read are defined beside their params models
-(stages/common/params.py); the ones only the orchestrator reads (storage, tracking, launch,
-promote) are here. Stage jobs never read this file: tasks/stage.py cuts it into their params.
+a valid number`). The sections the stages read are defined with the stages
+(stages/common/sections.py); the ones only the orchestrator reads (storage, tracking, launch,
+promote) are here. Stage jobs never read this file: tasks/spec.py cuts it into their params.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from stages.common import store
-from stages.common.params import (DataConfig, EngineConfig, EvaluateConfig, GenerateConfig, ModelConfig,
+from stages.common.sections import (DataConfig, EngineConfig, EvaluateConfig, GenerateConfig, ModelConfig,
                                   RewardModelConfig, RLConfig, SFTConfig, Strict)
 
 

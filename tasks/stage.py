@@ -1,7 +1,6 @@
 """The one Prefect task every stage runs through.
 
-    key    = hash(stage, its params, its inputs' manifest digests, its code version)
-    output = {root}/{pipeline}/{stage}/{key}
+    spec   = the stage's params, key and output place (tasks/spec.py)
     valid manifest there?  -> skip: nothing is launched (a rerun, a UI retry, a new run)
     else                   -> write the spec, launch the job, check the manifest it wrote
 
@@ -17,14 +16,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from pydantic import BaseModel
-
 from stages.common import store
-from stages.common.params import STAGE_PARAMS, Strict
-from tasks.config import PipelineConfig
-from stages.common.runtime import StageSpec
 from tasks import tracking as mlf
+from tasks.config import PipelineConfig
 from tasks.launch import StageBadInput, job_env, run_job, torchrun_command
+from tasks.spec import stage_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,23 +35,6 @@ class StageResult:
     @property
     def metrics(self) -> dict:
         return self.artifact.metrics
-
-
-def stage_params(stage: str, cfg: PipelineConfig, round_idx: int | None = None) -> Strict:
-    """The stage's params model, each field taken from the config key of the same name.
-
-    A field typed as part of a section (`rl: RolloutConfig`) gets only that part of it, so a
-    stage's key depends on exactly what its job reads (stages/common/params.py).
-    """
-    model = STAGE_PARAMS[stage]
-    values = {}
-    for name, field in model.model_fields.items():
-        value = round_idx if name == "round" else getattr(cfg, name)
-        part = field.annotation
-        if isinstance(value, BaseModel) and type(value) is not part:
-            value = part.model_validate(value.model_dump(include=set(part.model_fields)))
-        values[name] = value
-    return model(**values)
 
 
 def find_valid_output(uri: str, storage_options: dict, hash_limit_bytes: int = 64 << 20) -> store.Artifact | None:
@@ -85,11 +64,8 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
 def run_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, StageResult], tracking: mlf.Tracking,
               round_idx: int | None = None, label: str = "", debug: dict | None = None) -> StageResult:
     logger = get_run_logger()
-    params = stage_params(stage, cfg, round_idx).model_dump(mode="json")
-    code = store.code_version(stage)
-    key = store.compute_key(stage, params, {n: r.artifact.digest for n, r in inputs.items()}, code)
-    root, opts = cfg.storage_root(), cfg.storage_options()
-    output = store.stage_output_uri(root, cfg.pipeline, stage, key)
+    spec = stage_spec(stage, cfg, {name: r.artifact for name, r in inputs.items()}, round_idx)
+    key, output, params, opts = spec.key, spec.output, spec.params, spec.storage_options
     run_name = f"{stage}{label}"
 
     existing = find_valid_output(output, opts)
@@ -102,9 +78,7 @@ def run_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, StageResult], t
 
     store.remove_manifest(output, opts)  # an invalid (corrupted) output is produced again
     run_id = mlf.start_stage_run(tracking, run_name, stage, key, params, cached=False)
-    spec = StageSpec(stage=stage, key=key, pipeline=cfg.pipeline, inputs={n: r.uri for n, r in inputs.items()},
-                     output=output, params=params, code_version=code, storage_options=opts,
-                     tracking={"uri": tracking.uri, "run_id": run_id}, debug=debug or {})
+    spec = dataclasses.replace(spec, tracking={"uri": tracking.uri, "run_id": run_id}, debug=debug or {})
     spec_uri = store.join(output, store.SPEC)
     store.write_json(spec_uri, spec.to_json(), opts)
     python = cfg.launch.stage_python.get(stage, cfg.launch.python)

@@ -49,22 +49,31 @@ def _log_params(c, run_id: str, params: dict) -> None:
         c.log_batch(run_id, params=flat[i : i + 90])
 
 
-def start_pipeline_run(cfg: PipelineConfig, flow_run_id: str, flow_run_name: str, rounds: int) -> Tracking:
+def get_or_create_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str], resume_by: tuple[str, ...] = (),
+                      params: dict | None = None) -> Tracking:
+    """The run whose tags `resume_by` (keys of `tags`) match, set RUNNING again: a retry of the same
+    Prefect flow run continues its MLflow run. Else a new run with `tags`, logging `params`."""
     uri = cfg.tracking_uri()
     c = client(uri)
     exp = c.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = exp.experiment_id if exp else c.create_experiment(cfg.tracking.experiment)
-    existing = c.search_runs([exp_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1)
-    if existing:  # a retry of the same flow run: continue its MLflow run
-        run_id = existing[0].info.run_id
-        c.update_run(run_id, status="RUNNING")
-        return Tracking(uri, exp_id, run_id)
-    run = c.create_run(exp_id, run_name=f"{cfg.pipeline}-{flow_run_name}", tags={
-        "prefect.flow_run_id": flow_run_id, "alignflow.pipeline": cfg.pipeline, "alignflow.config_digest": cfg.digest(),
-    })
-    config = cfg.model_dump(mode="json", exclude={"storage", "tracking"})
-    _log_params(c, run.info.run_id, {**config, "rounds": rounds})
+    if resume_by:
+        query = " and ".join(f"tags.`{k}` = '{tags[k]}'" for k in resume_by)
+        found = c.search_runs([exp_id], filter_string=query, max_results=1)
+        if found:
+            c.update_run(found[0].info.run_id, status="RUNNING")
+            return Tracking(uri, exp_id, found[0].info.run_id)
+    run = c.create_run(exp_id, run_name=run_name, tags=tags)
+    if params:
+        _log_params(c, run.info.run_id, params)
     return Tracking(uri, exp_id, run.info.run_id)
+
+
+def start_pipeline_run(cfg: PipelineConfig, flow_run_id: str, flow_run_name: str, rounds: int) -> Tracking:
+    config = cfg.model_dump(mode="json", exclude={"storage", "tracking"})
+    return get_or_create_run(cfg, f"{cfg.pipeline}-{flow_run_name}", {
+        "prefect.flow_run_id": flow_run_id, "alignflow.pipeline": cfg.pipeline, "alignflow.config_digest": cfg.digest(),
+    }, resume_by=("prefect.flow_run_id",), params={**config, "rounds": rounds})
 
 
 def start_stage_run(tracking: Tracking, name: str, stage: str, key: str, params: dict, cached: bool) -> str:
@@ -75,6 +84,20 @@ def start_stage_run(tracking: Tracking, name: str, stage: str, key: str, params:
     })
     _log_params(c, run.info.run_id, params)
     return run.info.run_id
+
+
+def find_stage_run(tracking: Tracking, key: str) -> str | None:
+    """The id of the latest stage run under `tracking`'s parent run for the output `key`."""
+    found = client(tracking.uri).search_runs(
+        [tracking.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.mlflow.parentRunId = '{tracking.parent_run_id}' and tags.`alignflow.key` = '{key}'")
+    return found[0].info.run_id if found else None
+
+
+def set_tags(tracking: Tracking, run_id: str, tags: dict) -> None:
+    from mlflow.entities import RunTag
+
+    client(tracking.uri).log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
 
 def log_metrics(tracking: Tracking, run_id: str, metrics: dict) -> None:

@@ -14,7 +14,7 @@ import statistics
 import pytest
 import torch
 
-from stages.common.params import ALGORITHM_PRESETS, ESTIMATOR_KEYS, RLConfig, UpdateConfig
+from stages.common.sections import ALGORITHM_PRESETS, ESTIMATOR_KEYS, RLConfig, UpdateConfig
 from tests.rl_batches import packed_batch, rand, response
 from stages.common.losses import (discounted_returns, dr_grpo_advantages, explained_variance, gae_advantages,
                                   group_advantages, masked_whiten, overlong_penalty, rloo_advantages,

@@ -64,7 +64,7 @@ def test_config_contradicting_its_algorithm_names_both_keys(tmp_path):
 
 
 def test_stage_params_hold_only_what_the_stage_reads(tmp_path):
-    from tasks.stage import stage_params
+    from tasks.spec import stage_params
 
     cfg = parse_config(small_config(tmp_path))
     generate = stage_params("generate", cfg, 0)

@@ -155,3 +155,21 @@ def test_policy_gradient_at_ratio_one_is_reinforce():
     loss, _ = clipped_policy_loss(lp, lp.detach(), adv, mask, 0.2, 0.28)
     (loss * mask).sum().backward()
     torch.testing.assert_close(lp.grad, -adv * mask)
+
+
+def test_gradients_stay_finite_at_a_log_ratio_of_100_in_float32():
+    """exp(100) overflows float32: without the clamp of the log ratio the loss is finite and the
+    gradient NaN (verl and OpenRLHF clamp to [-20, 20])."""
+    old = torch.zeros(2, 3)
+    mask = torch.ones(2, 3)
+    for estimator in ("k1", "k2", "k3"):
+        logp = torch.tensor([[100.0, -100.0, 0.0], [0.5, 100.0, -0.5]], requires_grad=True)
+        per_token, _ = clipped_policy_loss(logp, old, torch.ones(2, 3), mask, 0.2, 0.2)
+        loss = aggregate_loss(per_token + 0.1 * kl_estimate(logp, old, estimator), mask, "token_mean")
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), (estimator, logp.grad)
+    # the clamp changes nothing inside [-20, 20]
+    logp = torch.tensor([[0.3, -0.2]])
+    ratio_loss, _ = clipped_policy_loss(logp, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 10.0, 10.0)
+    assert torch.allclose(ratio_loss, -torch.exp(logp))
+    assert torch.allclose(kl_estimate(logp, torch.zeros(1, 2), "k3"), torch.exp(-logp) - 1 + logp)

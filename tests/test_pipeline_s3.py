@@ -5,6 +5,7 @@ that must launch nothing.
 """
 
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -32,9 +33,21 @@ def s3_pipeline(tmp_path_factory, s3_server, prefect_harness):
     fs, path = store.filesystem(marker, opts)
     fs.pipe_file(path, b"fail once")
 
-    first = alignment(config_path=str(config), debug={"score[1]": {"fail_once_marker": marker}})
-    second = alignment(config_path=str(config))
-    return {"first": first, "second": second, "config": data, "opts": opts, "bucket": bucket, "marker": marker}
+    work = tmp / "work"  # the jobs' scratch folders (inherited by every job through the environment)
+    os.environ["ALIGNFLOW_WORK_DIR"] = str(work)
+    try:
+        first = alignment(config_path=str(config), debug={"score[1]": {"fail_once_marker": marker}})
+        second = alignment(config_path=str(config))
+    finally:
+        del os.environ["ALIGNFLOW_WORK_DIR"]
+    return {"first": first, "second": second, "config": data, "opts": opts, "bucket": bucket, "marker": marker,
+            "work": work}
+
+
+def test_no_working_directory_is_left(s3_pipeline):
+    jobs = s3_pipeline["work"] / "alignflow-jobs"
+    assert jobs.is_dir()  # the jobs used it
+    assert list(jobs.iterdir()) == []  # every job removed its own, the failed attempt of score[1] too
 
 
 def test_summary(s3_pipeline):

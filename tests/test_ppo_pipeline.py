@@ -17,7 +17,7 @@ import torch
 
 from stages.common import store
 from stages.common.critic import load_value_model, value_source
-from stages.common.params import TinyModelConfig
+from stages.common.sections import TinyModelConfig
 from stages.common.models import (build_tiny_model, load_reward_model, pack_right, save_checkpoint,
                                   train_char_tokenizer)
 from stages.common.rollouts import PPO_SCORED_SCHEMA, read_tables

@@ -376,16 +376,18 @@ def test_champion_changed_during_promotion_is_evaluated_then_compared(cands, mon
     v2 = register(cands.tracking_uri, name, cands.strong.uri)
     v3 = register(cands.tracking_uri, name, cands.weak.uri)
     set_champion(cands.tracking_uri, name, v1)
-    real, calls = fp._evaluate_champion, []
+    real, calls = fp.evaluate_version, []
 
-    def evaluate_then_someone_promotes(stage, cfg, run, client, name_, version, *a):
+    def evaluate_then_someone_promotes(cfg, run, version, role, **kw):
+        if role != "champion":
+            return real(cfg, run, version, role, **kw)
         calls.append(version)
-        result = real(stage, cfg, run, client, name_, version, *a)
+        result = real(cfg, run, version, role, **kw)
         if version == v1:
             set_champion(cands.tracking_uri, name, v2)
         return result
 
-    monkeypatch.setattr(fp, "_evaluate_champion", evaluate_then_someone_promotes)
+    monkeypatch.setattr(fp, "evaluate_version", evaluate_then_someone_promotes)
     out = fp.promote(str(cands.config(name)), v3)
     assert calls == [v1, v2]
     assert out["decision"] == "rejected" and out["champion_version"] == v2 and out["champion_after"] == v2
@@ -427,8 +429,8 @@ def _contender(tracking_uri: str, name: str, version: str, scores: dict, ready, 
     """One OS process: lock + decide + alias for one version; reports what it saw and when."""
     import time as _time
 
-    from tasks import promotion
     from tasks import tracking as mlf
+    from tasks.promotion import registry as promotion  # where promote_version looks up decide
 
     real_decide, spans = promotion.decide, []
 

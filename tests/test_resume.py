@@ -14,7 +14,7 @@ from stages.common import store
 from tasks.config import parse_config
 from stages.common.runtime import StageSpec
 from tasks.launch import PROJECT_ROOT, job_env, kill_tree, run_job, torchrun_command
-from tasks.stage import stage_params
+from tasks.spec import code_version, stage_params
 from tests.conftest import small_config
 
 
@@ -22,7 +22,7 @@ def write_spec(cfg, stage: str, name: str, inputs: dict[str, str], round_idx: in
                debug: dict | None = None) -> str:
     out = store.join(cfg.storage_root(), cfg.pipeline, stage, name)
     spec = StageSpec(stage=stage, key=name, pipeline=cfg.pipeline, inputs=inputs, output=out,
-                     params=stage_params(stage, cfg, round_idx).model_dump(mode="json"), code_version=store.code_version(stage),
+                     params=stage_params(stage, cfg, round_idx).model_dump(mode="json"), code_version=code_version(stage),
                      debug=debug or {})
     store.write_json(store.join(out, store.SPEC), spec.to_json())
     return store.join(out, store.SPEC)
@@ -30,7 +30,8 @@ def write_spec(cfg, stage: str, name: str, inputs: dict[str, str], round_idx: in
 
 def test_sigkilled_sft_resumes_from_last_save(tmp_path):
     cfg = parse_config(small_config(tmp_path, **{"sft.steps": 40, "sft.save_every": 10, "sft.log_every": 5}))
-    env = job_env(2)
+    work = tmp_path / "work"
+    env = job_env(2, {"ALIGNFLOW_WORK_DIR": str(work)})
     logs: list[str] = []
     run_job(torchrun_command("data_prep", write_spec(cfg, "data_prep", "d", {}), 2), timeout_s=300,
             log_line=logs.append, env=env)
@@ -54,6 +55,8 @@ def test_sigkilled_sft_resumes_from_last_save(tmp_path):
     kill_tree(proc.pid, first_signal=signal.SIGKILL)  # as if the node died: no grace
     proc.wait()
     assert not (out_dir / store.MANIFEST).exists()  # killed: no output exists
+    left = sorted(p.name for p in (work / "alignflow-jobs").iterdir())
+    assert left == [f"{cfg.pipeline}-sft-killed-r0", f"{cfg.pipeline}-sft-killed-r1"]  # SIGKILL: no cleanup
     saved_step = json.loads((out_dir / "_resume" / "latest.json").read_text())["step"]
     assert 10 <= saved_step < 40
 
@@ -63,6 +66,7 @@ def test_sigkilled_sft_resumes_from_last_save(tmp_path):
     assert not any("sft step 5/40" in line for line in relaunch)  # did not start over
     resumed = store.read_artifact(store.join(cfg.storage_root(), cfg.pipeline, "sft", "killed"))
     assert not (out_dir / "_resume").exists()  # cleaned once the output is complete
+    assert not any((work / "alignflow-jobs").iterdir())  # the relaunch removed the killed job's folders, then its own
     assert resumed.file("checkpoint/model.safetensors").sha256 == whole.file("checkpoint/model.safetensors").sha256
 
 
@@ -93,6 +97,8 @@ def kill_once(cfg, stage: str, name: str, inputs: dict[str, str], ready: str, **
     kill_tree(proc.pid, first_signal=signal.SIGKILL)
     proc.wait()
     assert not (out_dir / store.MANIFEST).exists()  # killed: no output exists
+    left = sorted(p.name for p in (work / "alignflow-jobs").iterdir())
+    assert left == [f"{cfg.pipeline}-sft-killed-r0", f"{cfg.pipeline}-sft-killed-r1"]  # SIGKILL: no cleanup
     return out_dir
 
 

@@ -5,23 +5,24 @@ import json
 import pytest
 
 from stages.common import store
+from tasks import spec as keys
 from stages.common.store import ArtifactError
 
 
 def test_key_is_deterministic_and_sensitive():
     base = dict(stage="sft", params={"lr": 1e-3, "steps": 10}, input_digests={"data": "abc"}, code="v1")
-    key = store.compute_key(**base)
-    assert key == store.compute_key(**{**base, "params": {"steps": 10, "lr": 1e-3}})  # order-free
+    key = keys.compute_key(**base)
+    assert key == keys.compute_key(**{**base, "params": {"steps": 10, "lr": 1e-3}})  # order-free
     assert len(key) == 16
     for change in ({"stage": "reward_model"}, {"params": {"lr": 2e-3, "steps": 10}},
                    {"input_digests": {"data": "abd"}}, {"code": "v2"}):
-        assert store.compute_key(**{**base, **change}) != key
+        assert keys.compute_key(**{**base, **change}) != key
 
 
 def test_code_version_covers_what_the_stage_imports():
-    assert store.code_version("sft") != store.code_version("update")
-    assert store.code_version("sft") == store.code_version("sft")
-    names = lambda stage: {p.relative_to(store.STAGES_DIR).as_posix() for p in store.stage_code_files(stage)}
+    assert keys.code_version("sft") != keys.code_version("update")
+    assert keys.code_version("sft") == keys.code_version("sft")
+    names = lambda stage: {p.relative_to(keys.STAGES_DIR).as_posix() for p in keys.stage_code_files(stage)}
     # transitively: runtime imports store
     assert {"data_prep.py", "common/runtime.py", "common/store.py"} <= names("data_prep")
     assert {"common/losses.py", "common/engine.py", "common/models.py"} <= names("update")

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .params import EngineConfig
+from .sections import EngineConfig
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: far past any clip, far from float32's overflow at ~88
+
 
 # --- reward model -----------------------------------------------------------------------
 
@@ -51,8 +53,10 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
       k1 = -log r                 unbiased, can be negative (the classic RLHF reward penalty)
       k2 = (log r)^2 / 2          biased, low variance, >= 0
       k3 = (r - 1) - log r        unbiased, low variance, >= 0 (GRPO); clamped at 10 as verl does
+    log r is clamped to [-20, 20] first, as in verl: exp(100) is inf in float32, and the clamp
+    after it would turn the gradient into 0 * inf = NaN while the loss stays finite.
     """
-    log_r = ref_logprobs - logprobs
+    log_r = torch.clamp(ref_logprobs - logprobs, -MAX_LOG_RATIO, MAX_LOG_RATIO)
     if estimator == "k1":
         return -log_r
     if estimator == "k2":
@@ -150,9 +154,10 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low: floa
     """PPO's clipped surrogate (Schulman et al. 2017), per token; DAPO's asymmetric clip-higher.
 
     ratio = exp(logp - logp_old);  loss_t = -min(ratio * A_t, clip(ratio, 1 - clip_low, 1 + clip_high) * A_t)
-    Returns (loss [B, T], stats).
+    The log ratio is clamped to [-20, 20] before exp (as verl, OpenRLHF): an overflow would give a
+    NaN gradient under a finite loss. Returns (loss [B, T], stats).
     """
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp(torch.clamp(logprobs - old_logprobs, -MAX_LOG_RATIO, MAX_LOG_RATIO))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     loss = torch.maximum(unclipped, clipped)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .params import TinyModelConfig
+from .sections import TinyModelConfig
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 

@@ -13,6 +13,8 @@ import datetime as dt
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -62,13 +64,13 @@ class StageSpec:
 class StageContext(Generic[P]):
     """Ranks, inputs, outputs and tracking for one stage job; `params` is the stage's typed model."""
 
-    def __init__(self, spec: StageSpec, params: P):
+    def __init__(self, spec: StageSpec, params: P, workdir: Path):
         self.spec = spec
         self.params = params
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"alignflow-{spec.stage}-r{self.rank}-"))
+        self.workdir = workdir  # downloaded inputs, outputs before upload; removed when the job ends
         self._files: list[store.FileEntry] = []
         self._artifacts: dict[str, store.Artifact] = {}
         self._metric_buffer: list[tuple[str, float, int]] = []
@@ -216,6 +218,20 @@ def _maybe_inject_fault(spec: StageSpec) -> None:
         raise RuntimeError(f"injected fault (marker {marker})")
 
 
+def job_workdir(spec: StageSpec, rank: int) -> Path:
+    """This rank's scratch folder, the same for every attempt at the key, so that an attempt
+    removes what a SIGKILLed one left ($ALIGNFLOW_WORK_DIR, else the system temp folder)."""
+    base = Path(os.environ.get("ALIGNFLOW_WORK_DIR") or tempfile.gettempdir()) / "alignflow-jobs"
+    path = base / f"{spec.pipeline}-{spec.stage}-{spec.key}-r{rank}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # the task's timeout or torchrun stopping: clean up on the way out
+
+
 def main(run: Callable[[StageContext[P]], dict], params_model: type[P]) -> None:
     """Entry point of every stage module: `main(run, XParams)` under `if __name__ == "__main__"`."""
     parser = argparse.ArgumentParser()
@@ -229,9 +245,11 @@ def main(run: Callable[[StageContext[P]], dict], params_model: type[P]) -> None:
         print(f"{BAD_INPUT_MARKER}: cannot read stage spec {args.spec}: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
     # Anything else (the store unreachable, say) propagates: exit 1, and the task retries.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    workdir = job_workdir(spec, int(os.environ.get("RANK", 0)))
     try:
         _maybe_inject_fault(spec)
-        ctx = StageContext(spec, params)
+        ctx = StageContext(spec, params, workdir)
         started = time.time()
         metrics = run(ctx)
         metrics["stage_seconds"] = round(time.time() - started, 3)
@@ -245,6 +263,8 @@ def main(run: Callable[[StageContext[P]], dict], params_model: type[P]) -> None:
         traceback.print_exc()
         sys.stderr.flush()
         sys.exit(1)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     # Done and committed: skip the interpreter's slow teardown of torch/transformers/gloo.
     sys.stdout.flush()
     sys.stderr.flush()

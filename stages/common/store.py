@@ -1,4 +1,4 @@
-"""Artifacts in object storage: content-addressed keys and manifests written last.
+"""Artifacts in object storage: manifests written last, every read checked against them.
 
     {root}/{pipeline}/{stage}/{key}/...files...
     {root}/{pipeline}/{stage}/{key}/_MANIFEST.json     (written last, by rank 0 only)
@@ -9,7 +9,6 @@ sha256 when they download it, and fail with an error naming the file.
 
 from __future__ import annotations
 
-import ast
 import datetime as dt
 import hashlib
 import json
@@ -22,7 +21,6 @@ import fsspec
 
 MANIFEST = "_MANIFEST.json"
 SPEC = "_SPEC.json"
-STAGES_DIR = Path(__file__).resolve().parent.parent
 LOCAL_FS = fsspec.filesystem("file")
 
 
@@ -38,52 +36,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _canonical(obj) -> bytes:
+def canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
-def stage_code_files(stage: str) -> list[Path]:
-    """The stage's module and every `stages.common` module it imports, transitively."""
-    common = STAGES_DIR / "common"
-    seen: set[Path] = set()
-    todo = [STAGES_DIR / f"{stage}.py"]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text())):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                if node.level == 1 and path.parent == common:  # from . import x / from .x import y
-                    names = [f"stages.common.{node.module}"] if node.module else \
-                        [f"stages.common.{a.name}" for a in node.names]
-                elif node.module == "stages.common":
-                    names = [f"stages.common.{a.name}" for a in node.names]
-                elif node.module:
-                    names = [node.module]
-            for name in names:
-                parts = name.split(".")
-                if parts[:2] == ["stages", "common"] and len(parts) > 2 and (common / f"{parts[2]}.py").is_file():
-                    todo.append(common / f"{parts[2]}.py")
-    return sorted(seen)
-
-
-def code_version(stage: str) -> str:
-    """Hash of the code that produces the stage's output: a change to it gives new keys."""
-    h = hashlib.sha256()
-    for f in stage_code_files(stage):
-        h.update(f.relative_to(STAGES_DIR).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def compute_key(stage: str, params: dict, input_digests: dict[str, str], code: str) -> str:
-    """Same stage, params, inputs and code -> same key -> same place in the store."""
-    payload = {"stage": stage, "params": params, "inputs": input_digests, "code": code}
-    return hashlib.sha256(_canonical(payload)).hexdigest()[:16]
 
 
 def storage_options(uri: str, s3_endpoint_url: str | None) -> dict:
@@ -101,10 +55,6 @@ def filesystem(uri: str, storage_options: dict | None = None):
 
 def join(uri: str, *parts: str) -> str:
     return posixpath.join(uri.rstrip("/"), *parts)
-
-
-def stage_output_uri(root: str, pipeline: str, stage: str, key: str) -> str:
-    return join(root, pipeline, stage, key)
 
 
 @dataclass(frozen=True)
@@ -140,7 +90,7 @@ class Artifact:
 def manifest_digest(manifest: dict) -> str:
     """What identifies the content: stage, key and every file's hash (not timestamps)."""
     ident = {k: manifest[k] for k in ("stage", "key", "files")}
-    return hashlib.sha256(_canonical(ident)).hexdigest()
+    return hashlib.sha256(canonical_json(ident)).hexdigest()
 
 
 def write_manifest(
