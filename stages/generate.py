@@ -45,7 +45,8 @@ class ChunkLog:
     A record from a job with another world size, chunk size or backend describes other chunks: ignored."""
 
     def __init__(self, ctx: StageContext, setup: dict):
-        self.ctx, self.setup, self.chunks = ctx, setup, []
+        self.ctx, self.setup = ctx, setup
+        self.chunks: list[dict] = []
         self.uri = store.join(ctx.spec.output, "_resume", f"generate-rank{ctx.rank}.json")
         fs, path = store.filesystem(self.uri, ctx.spec.storage_options)
         record = store.read_json(self.uri, ctx.spec.storage_options) if fs.exists(path) else {}
@@ -80,13 +81,10 @@ def sample_rows(backend: Backend, tokenizer, prompts: list[dict], p: GeneratePar
                                           stop_token_ids=[tokenizer.eos_token_id]))
     except BadRequest as err:
         raise BadInput(f"generate: {err}") from None
-    return [
-        {"prompt_id": r["prompt_id"], "sample_idx": j, "prompt": r["prompt"], "response": s.text,
-         "prompt_token_ids": ids, "response_token_ids": s.token_ids, "response_logprobs": s.logprobs,
-         "reward": None, "reward_info": None, "finish_reason": s.finish_reason, "policy_key": policy}
-        for r, ids, group in zip(prompts, prompt_ids, groups)
-        for j, s in enumerate(group)
-    ]
+    return [{"prompt_id": r["prompt_id"], "sample_idx": j, "prompt": r["prompt"], "response": s.text,
+             "prompt_token_ids": ids, "response_token_ids": s.token_ids, "response_logprobs": s.logprobs,
+             "reward": None, "reward_info": None, "finish_reason": s.finish_reason, "policy_key": policy}
+            for r, ids, group in zip(prompts, prompt_ids, groups) for j, s in enumerate(group)]
 
 
 def run(ctx: StageContext[GenerateParams]) -> dict:
@@ -130,7 +128,7 @@ def run(ctx: StageContext[GenerateParams]) -> dict:
             n_rows, n_tokens, n_stop = n_rows + len(rows), n_tokens + tokens, n_stop + sum(
                 r["finish_reason"] == "stop" for r in rows)
 
-    n_rows, n_tokens, n_stop = ctx.all_reduce_sum([n_rows, n_tokens, n_stop])
+    n_rows, n_tokens, n_stop = (int(x) for x in ctx.all_reduce_sum([n_rows, n_tokens, n_stop]))
     tokens_per_s = ctx.all_reduce_sum([new_tokens / max(elapsed, 1e-9)])[0]  # of the chunks generated here
     if ctx.is_main:
         log(f"generate[{backend.name}] round {p.round}: {n_rows} samples, {tokens_per_s:.0f} tok/s")

@@ -16,7 +16,7 @@ from stages.common.generation import HFBackend, Request
 from stages.common.losses import clipped_policy_loss, masked_mean
 from stages.common.models import (build_tiny_model, encode_prompts, pack_right, save_checkpoint, token_logprobs,
                                   train_char_tokenizer)
-from stages.common.params import TinyModelConfig
+from stages.common.sections import TinyModelConfig
 from stages.update import padded
 
 TOL = 1e-4

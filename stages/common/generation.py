@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .params import GenerateConfig
+    from .sections import GenerateConfig
     from .runtime import StageContext
 
 
@@ -66,12 +66,15 @@ class Shard:
 
 
 class Backend:
-    """`generate(Request) -> list[list[Sample]]`; `shard(ctx, n_prompts) -> Shard`; `close()` releases
-    the engine, if any (`with contextlib.closing(backend)`)."""
-
     name: str
 
-    def close(self) -> None:
+    def shard(self, ctx: StageContext, n_prompts: int) -> Shard:
+        raise NotImplementedError
+
+    def generate(self, request: Request) -> list[list[Sample]]:  # n Samples per prompt
+        raise NotImplementedError
+
+    def close(self) -> None:  # releases the engine, if any: `with contextlib.closing(backend)`
         pass
 
 

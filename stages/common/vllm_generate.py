@@ -77,7 +77,6 @@ class VLLMInProcess(Backend):
         apply_env_defaults()
         from vllm import LLM, SamplingParams  # lazy: heavy, and only in the vLLM environment
         from vllm.inputs import TokensPrompt
-
         try:
             from vllm.exceptions import VLLMValidationError
         except ImportError:  # other vLLM versions
