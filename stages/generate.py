@@ -98,7 +98,7 @@ def run(ctx: StageContext[GenerateParams]) -> dict:
         shard = backend.shard(ctx, len(prompts))
         # Ranks that run each request together must sample alike: they all take rank 0's seed.
         rank_seed = p.seed * 100003 + p.round * 101 + (0 if shard.lockstep else ctx.rank)
-        chunks = shard.chunks()  # hf: generate.chunk_prompts prompts each; vLLM: one (its engine starts once)
+        chunks = [[prompts[i] for i in idx] for idx in shard.chunks()]  # vLLM: one (its engine starts once)
         parts = [f"rollouts/part-{ctx.rank:05d}-{c:05d}.parquet" for c in range(len(chunks))]
         done = ChunkLog(ctx, {"world_size": ctx.world_size, "chunk_prompts": shard.chunk, "backend": backend.name})
         skip = [done.fetch_verified(part) for part in parts]
@@ -109,8 +109,7 @@ def run(ctx: StageContext[GenerateParams]) -> dict:
         for c, (chunk, part) in enumerate(zip(chunks, parts)):
             if not skip[c]:
                 started = time.time()
-                rows = sample_rows(backend, tokenizer, [prompts[i] for i in chunk], p, chunk_seed(rank_seed, c),
-                                   policy_key)
+                rows = sample_rows(backend, tokenizer, chunk, p, chunk_seed(rank_seed, c), policy_key)
                 elapsed += time.time() - started
             if not shard.writes:
                 continue  # it ran the request with rank 0, which writes the rows
@@ -125,8 +124,9 @@ def run(ctx: StageContext[GenerateParams]) -> dict:
                 done.add(part)
                 time.sleep(ctx.spec.debug.get("pause_after_chunk_s", 0))  # for tests: a window to kill the job in
                 new_tokens += tokens
-            n_rows, n_tokens, n_stop = n_rows + len(rows), n_tokens + tokens, n_stop + sum(
-                r["finish_reason"] == "stop" for r in rows)
+            n_rows += len(rows)
+            n_tokens += tokens
+            n_stop += sum(r["finish_reason"] == "stop" for r in rows)
 
     n_rows, n_tokens, n_stop = (int(x) for x in ctx.all_reduce_sum([n_rows, n_tokens, n_stop]))
     tokens_per_s = ctx.all_reduce_sum([new_tokens / max(elapsed, 1e-9)])[0]  # of the chunks generated here
