@@ -12,10 +12,19 @@ SFT    our `sft` stage as a real job (spec -> `torchrun -m stages.sft` through
        tasks.launch.run_job, DeepSpeed ZeRO from the config, fp32) against TRL's SFTTrainer
        (plain torch on CPU) on the tiny Llama (build_tiny_model, the data_prep tokenizer), the
        same sft.parquet from our data_prep job, pre-tokenized the same way (BOS + prompt +
-       response + EOS, loss on the response only), the same batch size, steps, lr schedule
-       shape, AdamW betas and clipping. Throughput = non-pad tokens / s of the training loop
-       (both sides count attention_mask.sum(), prompt tokens included); the job's and the TRL
-       process's wall times (start-up, imports, model build, saving) are shown beside it.
+       response + EOS, loss on the response + EOS; the script checks that TRL's first collated
+       batch equals ours), the same work: the same rows in the same order (our stage's seeded
+       draw, read by TRL sequentially), batch size, steps, AdamW(0.9, 0.95) and lr schedule
+       (stages/common/engine.py: linear_warmup, given to TRL as its optimizer/scheduler) and
+       clipping. Throughput = non-pad tokens / s of the training loop (both sides count
+       attention_mask.sum(), prompt tokens included); the job's and the TRL process's wall
+       times (start-up, imports, model build, saving) are shown beside it.
+       Quality, one function for both checkpoints: greedy exact-match accuracy on our
+       eval.parquet (stages/common/verifier.py), the response-token loss on a fixed batch of
+       demonstrations and on the held-out prompts; both training-loss curves at the same steps,
+       and the data's noise floor. The final loss of one run is not a measure of the trainer:
+       the tiny model learns the addition in a sudden drop whose step moves by 100+ steps with
+       float rounding alone (same math, other kernels), see bench/README.md.
 
 GRPO   one RL round from the SFT checkpoint: our `generate` + `score` + `update` jobs against
        TRL's GRPOTrainer with transformers generation, on the same prompts (the round's
@@ -60,6 +69,14 @@ SMALL = {"num_sft": 2000, "sft_steps": 30, "sft_batch": 64, "rm_steps": 5, "prom
 
 # --- TRL side (run in a child process: its own threads, imports and memory) ------------------
 
+def sft_draws(n_rows: int, steps: int, batch: int, seed: int) -> list[list[int]]:
+    """The rows of each step's global batch, drawn exactly as stages/sft.py draws them."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(n_rows, (batch,), generator=gen).tolist() for _ in range(steps)]
+
+
 def trl_sft_worker(a: dict) -> dict:
     t_process = time.perf_counter()
     C.set_threads(a["threads"])
@@ -69,7 +86,9 @@ def trl_sft_worker(a: dict) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from stages.common.models import build_tiny_model, encode_prompts, encode_responses, load_tokenizer
+    from stages.common.engine import linear_warmup
+    from stages.common.models import (build_tiny_model, encode_prompts, encode_responses, load_tokenizer,
+                                      pack_right)
     from stages.common.sections import TinyModelConfig
 
     t_imports = time.perf_counter() - t_process
@@ -78,9 +97,12 @@ def trl_sft_worker(a: dict) -> dict:
     model = build_tiny_model(TinyModelConfig(**a["tiny"]), tokenizer, seed=a["seed"])
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in table])
     responses = encode_responses(tokenizer, [r["response"] for r in table])
+    # Same rows in the same order as our stage (its seeded draw with replacement), read sequentially.
+    draws = sft_draws(len(table), a["steps"], a["batch"], a["seed"])
+    order = [i for step in draws for i in step]
     dataset = Dataset.from_dict({
-        "input_ids": [p + r for p, r in zip(prompts, responses)],
-        "completion_mask": [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)],
+        "input_ids": [prompts[i] + responses[i] for i in order],
+        "completion_mask": [[0] * len(prompts[i]) + [1] * len(responses[i]) for i in order],
     })
 
     class Clock(TrainerCallback):
@@ -92,23 +114,96 @@ def trl_sft_worker(a: dict) -> dict:
         def on_train_end(self, args, state, control, **kw):
             Clock.end = time.perf_counter()
 
+    # Our optimizer and schedule, not TRL's defaults: AdamW(0.9, 0.95) and stages/common/engine.py's
+    # linear_warmup (warmup, then linear decay to 10%; TRL's "linear" starts at lr 0 and decays to 0).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=a["lr"], weight_decay=0.0, betas=(0.9, 0.95))
+    scheduler = linear_warmup(optimizer, a["warmup"], a["steps"])
     args = SFTConfig(
         output_dir=a["out"], per_device_train_batch_size=a["batch"], max_steps=a["steps"],
-        learning_rate=a["lr"], lr_scheduler_type="linear", warmup_steps=a["warmup"], weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=a["log_every"], save_strategy="no",
+        train_sampling_strategy="sequential", max_grad_norm=1.0, logging_steps=a["log_every"], save_strategy="no",
         report_to="none", use_cpu=True, dataloader_num_workers=0, seed=a["seed"], completion_only_loss=True,
         max_length=None, disable_tqdm=True, bf16=False, fp16=False,
         gradient_checkpointing=a["gradient_checkpointing"],
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[Clock()])
+                         optimizers=(optimizer, scheduler), callbacks=[Clock()])
+    # What TRL trains on: its first collated batch against the tensors our stage builds for the same rows.
+    first = next(iter(trainer.get_train_dataloader()))
+    ids, attn, resp_mask = pack_right([prompts[i] for i in draws[0]], [responses[i] for i in draws[0]],
+                                      tokenizer.pad_token_id)
+    ours_labels = ids.masked_fill(resp_mask == 0, -100)
+    collated = {"input_ids_equal": torch.equal(first["input_ids"].cpu(), ids),
+                "attention_mask_equal": torch.equal(first["attention_mask"].cpu(), attn),
+                "labels_equal": torch.equal(first["labels"].cpu(), ours_labels),
+                "row0": {k: first[k][0].tolist() for k in ("input_ids", "attention_mask", "labels")},
+                "row0_tokens": tokenizer.convert_ids_to_tokens(first["input_ids"][0].tolist())}
     out = trainer.train()
     train_s = Clock.end - Clock.begin
     tokens = int(trainer._total_train_tokens)
-    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    curve = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    trainer.save_model(str(Path(a["out"]) / "final"))
     return {"train_seconds": train_s, "tokens": tokens, "tokens_per_s": tokens / train_s,
-            "loss": logged[-1] if logged else out.training_loss, "mean_loss": out.training_loss, "imports_s": t_imports, "threads": torch.get_num_threads(),
+            "loss": curve[max(curve)] if curve else out.training_loss, "mean_loss": out.training_loss,
+            "curve": curve, "collated": collated, "checkpoint": str(Path(a["out"]) / "final"),
+            "imports_s": t_imports, "threads": torch.get_num_threads(),
             "num_params": sum(p.numel() for p in model.parameters())}
+
+
+def heldout_worker(a: dict) -> dict:
+    """One function for every checkpoint: greedy exact-match accuracy on eval.parquet (as the evaluate
+    stage), and the response-token mean loss on a fixed batch of demonstrations (the training loss's
+    quantity) and on the held-out prompts with their correct answers."""
+    C.set_threads(a["threads"])
+    import pyarrow.parquet as pq
+    import torch
+    import torch.nn.functional as F
+
+    from stages.common.generation import generate_hf
+    from stages.common.models import encode_prompts, encode_responses, load_causal_lm, load_tokenizer, pack_right
+    from stages.common.verifier import VERIFIERS
+
+    eval_rows = pq.read_table(a["eval_parquet"]).to_pylist()
+    demos = pq.read_table(a["sft_parquet"]).to_pylist()[: a["fixed_rows"]]
+
+    @torch.no_grad()
+    def response_loss(model, tokenizer, prompts: list[str], responses: list[str]) -> float:
+        ids, attn, mask = pack_right(encode_prompts(tokenizer, prompts), encode_responses(tokenizer, responses),
+                                     tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        return float((nll * mask[:, 1:]).sum() / mask[:, 1:].sum())
+
+    results = {}
+    for name, ckpt in a["checkpoints"].items():
+        tokenizer = load_tokenizer(ckpt)
+        model = load_causal_lm(ckpt).eval()
+        samples = generate_hf(model, tokenizer, encode_prompts(tokenizer, [r["prompt"] for r in eval_rows]), n=1,
+                              temperature=1.0, top_p=1.0, greedy=True, max_new_tokens=a["max_new_tokens"], seed=0,
+                              batch_size=512)
+        correct = [VERIFIERS["exact"](s[0].text, r["answer"]) for s, r in zip(samples, eval_rows)]
+        results[name] = {
+            "heldout_accuracy": sum(correct) / len(correct),
+            "fixed_batch_loss": response_loss(model, tokenizer, [r["prompt"] for r in demos],
+                                              [r["response"] for r in demos]),
+            "heldout_loss": response_loss(model, tokenizer, [r["prompt"] for r in eval_rows],
+                                          [r["answer"] for r in eval_rows]),
+        }
+    return results
+
+
+def noise_floor(rows: list[dict]) -> dict:
+    """The synthetic task's irreducible SFT loss: the demonstrator drops the units carry with
+    probability p in carry cases, so a model that has learnt it exactly still pays the entropy H(p)
+    per carry demonstration, spread over the response's tokens (3 digits + EOS). Greedy decoding of
+    that model answers the dropped carry whenever p > 0.5: every carry prompt wrong."""
+    import math
+
+    carry = [int(r["prompt"][1]) + int(r["prompt"][4]) >= 10 for r in rows]
+    n_carry = sum(carry)
+    p = sum(c and not r["correct"] for c, r in zip(carry, rows)) / max(1, n_carry)
+    h = -(p * math.log(p) + (1 - p) * math.log(1 - p)) if 0 < p < 1 else 0.0
+    tokens = sum(len(r["response"]) + 1 for r in rows)
+    return {"p_drop": p, "carry_fraction": n_carry / len(rows), "loss_floor": n_carry * h / tokens}
 
 
 def trl_grpo_worker(a: dict) -> dict:
@@ -192,6 +287,16 @@ def run_worker(mode: str, args: dict, profile_to: Path | None = None) -> dict:
 
 # --- our side -------------------------------------------------------------------------------
 
+def our_curve(log: list[str]) -> dict[int, float]:
+    """{step: loss} from the stage's `sft step N/M loss X` lines (the mean over each log window)."""
+    curve = {}
+    for line in log:
+        if "sft step " in line:
+            words = line[line.index("sft step "):].split()
+            curve[int(words[2].split("/")[0])] = float(words[4])
+    return curve
+
+
 def py_spy_wrap(path: Path) -> list[str]:
     return [str(Path(sys.executable).parent / "py-spy"), "record", "-o", str(path), "--format", "raw", "-r", "100",
             "--subprocesses", "--"]
@@ -232,12 +337,14 @@ def main() -> None:
     parser.add_argument("--_args", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._worker:
-        out = {"trl_sft": trl_sft_worker, "trl_grpo": trl_grpo_worker}[args._worker](json.loads(args._args))
+        out = {"trl_sft": trl_sft_worker, "trl_grpo": trl_grpo_worker,
+               "heldout": heldout_worker}[args._worker](json.loads(args._args))
         print(json.dumps(out), flush=True)
         sys.stdout.flush()
         os._exit(0)  # skip the slow interpreter teardown (torch, datasets)
 
     try:
+        import pyarrow.parquet as pq
         import trl
     except ImportError:
         sys.exit("TRL is not installed in this environment: run bench/setup_bench_env.sh, then "
@@ -276,6 +383,7 @@ def main() -> None:
     tok_dir = C.fetch_checkpoint(data, data_dir, "tokenizer")
 
     sft_rows, grpo_rows, profiles = [], [], {}
+    curves: dict[str, dict[int, float]] = {}  # side -> {step: mean training loss of the log window ending there}
     sft_jobs: dict[str, C.JobResult] = {}
     for i, lay in enumerate(layouts):
         ranks, threads = map(int, lay.split("x"))
@@ -291,9 +399,10 @@ def main() -> None:
                              "tokens": round(m["tokens_per_s"] * m["train_seconds"]),
                              "train_s": m["train_seconds"], "tokens/s": m["tokens_per_s"],
                              "process_wall_s": job.wall_s, "final_loss": m["loss"]})
+            curves[f"ours {lay}"] = our_curve(job.log)
             print(f"  ours sft {lay}: {m['tokens_per_s']:.0f} tok/s, loop {m['train_seconds']:.1f}s, "
                   f"job {job.wall_s:.1f}s", flush=True)
-    trl_sft = None
+    trl_sft, floor = None, None
     if not args.skip_sft:
         trl_sft = run_worker("trl_sft", {
             "threads": T, "sft_parquet": str(sft_parquet), "tokenizer": str(tok_dir), "tiny": c["model"]["tiny"],
@@ -305,6 +414,15 @@ def main() -> None:
                          "batch": size["sft_batch"], "tokens": trl_sft["tokens"], "train_s": trl_sft["train_seconds"],
                          "tokens/s": trl_sft["tokens_per_s"], "process_wall_s": trl_sft["process_wall_s"],
                          "final_loss": trl_sft["loss"]})
+        curves["TRL"] = {int(k): v for k, v in trl_sft["curve"].items()}
+        ckpts = {lay: str(C.fetch_checkpoint(job, workdir / f"sft-{lay}")) for lay, job in sft_jobs.items()}
+        heldout = run_worker("heldout", {"threads": T, "checkpoints": {**ckpts, "TRL": trl_sft["checkpoint"]},
+                                         "eval_parquet": str(C.store_download(data, "eval.parquet", data_dir)),
+                                         "sft_parquet": str(sft_parquet), "fixed_rows": 1024,
+                                         "max_new_tokens": c["evaluate"]["max_new_tokens"]})
+        for row, name in zip(sft_rows, [*layouts, "TRL"]):
+            row.update(heldout[name])
+        floor = noise_floor(pq.read_table(sft_parquet).to_pylist())
         for row in sft_rows[:-1]:
             row["ratio vs TRL (tok/s)"] = C.ratio(row["tokens/s"], trl_sft["tokens_per_s"])
             row["ratio vs TRL (wall)"] = C.ratio(trl_sft["process_wall_s"], row["process_wall_s"])
@@ -381,6 +499,20 @@ def main() -> None:
     if sft_rows and trl_sft:
         print("## SFT throughput (tokens/s of the training loop; ratio > 1: alignflow faster)\n")
         print(C.markdown_table(sft_rows))
+        print(f"\nfinal_loss: the training loss (response tokens + EOS, token mean) averaged over the last "
+              f"{c['sft']['log_every']} steps, both sides; fixed_batch_loss: the same quantity, one plain function, "
+              f"on the first 1024 demonstrations; heldout_loss: on the {len(pq.read_table(data_dir / 'eval.parquet'))} "
+              f"held-out prompts with their correct answers; heldout_accuracy: greedy exact match on them.")
+        print(f"Noise floor of the training loss: {floor['loss_floor']:.4f} (the demonstrator drops the carry in "
+              f"{floor['p_drop']:.1%} of the {floor['carry_fraction']:.1%} carry cases); greedy accuracy of a model "
+              f"that imitates it exactly: ~{1 - floor['carry_fraction']:.1%}.")
+        col = trl_sft["collated"]
+        print(f"TRL's first collated batch equals ours for the same rows: input_ids {col['input_ids_equal']}, "
+              f"attention_mask {col['attention_mask_equal']}, labels {col['labels_equal']}; row 0 "
+              f"{col['row0_tokens']} labels {col['row0']['labels']}\n")
+        print("## SFT training loss, both sides at the same steps (mean of each log window)\n")
+        steps = sorted(set.intersection(*(set(v) for v in curves.values())))
+        print(C.markdown_table([{"step": s, **{side: v[s] for side, v in curves.items()}} for s in steps]))
         print()
     if grpo_rows:
         print("## GRPO round (sampled completion tokens / s; ratio > 1: alignflow faster)\n")
@@ -397,7 +529,8 @@ def main() -> None:
             print()
     path = C.write_results("train_vs_trl", {
         "trl_version": trl.__version__, "threads": T, "layouts": layouts, "sizes": size,
-        "sft": sft_rows, "grpo": grpo_rows, "trl_sft_raw": trl_sft, "trl_grpo_raw": trl_grpo,
+        "sft": sft_rows, "sft_curves": curves, "sft_noise_floor": floor, "grpo": grpo_rows,
+        "trl_sft_raw": trl_sft, "trl_grpo_raw": trl_grpo,
         "profiles": {k: [{"function": f, "share": s} for f, s in v] for k, v in profiles.items()},
     })
     print(f"results: {path}")
