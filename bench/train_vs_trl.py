@@ -158,8 +158,8 @@ def heldout_worker(a: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from stages.common.generation import generate_hf
-    from stages.common.models import encode_prompts, encode_responses, load_causal_lm, load_tokenizer, pack_right
+    from stages.common.generation import HFBackend, Request
+    from stages.common.models import encode_prompts, encode_responses, pack_right
     from stages.common.verifier import VERIFIERS
 
     eval_rows = pq.read_table(a["eval_parquet"]).to_pylist()
@@ -175,11 +175,11 @@ def heldout_worker(a: dict) -> dict:
 
     results = {}
     for name, ckpt in a["checkpoints"].items():
-        tokenizer = load_tokenizer(ckpt)
-        model = load_causal_lm(ckpt).eval()
-        samples = generate_hf(model, tokenizer, encode_prompts(tokenizer, [r["prompt"] for r in eval_rows]), n=1,
-                              temperature=1.0, top_p=1.0, greedy=True, max_new_tokens=a["max_new_tokens"], seed=0,
-                              batch_size=512)
+        backend = HFBackend(ckpt)  # the evaluate stage's greedy decoding
+        tokenizer, model = backend.tokenizer, backend.model
+        samples = backend.generate(Request(encode_prompts(tokenizer, [r["prompt"] for r in eval_rows]), n=1,
+                                           temperature=1.0, top_p=1.0, max_new_tokens=a["max_new_tokens"], seed=0,
+                                           greedy=True))
         correct = [VERIFIERS["exact"](s[0].text, r["answer"]) for s, r in zip(samples, eval_rows)]
         results[name] = {
             "heldout_accuracy": sum(correct) / len(correct),

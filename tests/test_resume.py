@@ -97,8 +97,6 @@ def kill_once(cfg, stage: str, name: str, inputs: dict[str, str], ready: str, **
     kill_tree(proc.pid, first_signal=signal.SIGKILL)
     proc.wait()
     assert not (out_dir / store.MANIFEST).exists()  # killed: no output exists
-    left = sorted(p.name for p in (work / "alignflow-jobs").iterdir())
-    assert left == [f"{cfg.pipeline}-sft-killed-r0", f"{cfg.pipeline}-sft-killed-r1"]  # SIGKILL: no cleanup
     return out_dir
 
 
