@@ -7,6 +7,7 @@ metrics into the nested run the task opened for them.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 
@@ -26,9 +27,22 @@ class Tracking:
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if not uri.startswith("sqlite:///") or uri in _SQLITE_READY:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # The first touch of a new SQLite store runs MLflow's migrations; two runs started at once on
+    # a fresh machine would both migrate it, and one crashes. Serialise the first touch.
+    path = uri[len("sqlite:///"):]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        c.search_experiments(max_results=1)  # the tracking store, created or migrated
+        c.search_registered_models(max_results=1)  # the registry's store on the same file
+    _SQLITE_READY.add(uri)
+    return c
+
+
+_SQLITE_READY: set[str] = set()  # SQLite stores this process has opened (so migrated)
 
 
 def _flatten(prefix: str, obj) -> dict[str, str]:
@@ -49,14 +63,28 @@ def _log_params(c, run_id: str, params: dict) -> None:
         c.log_batch(run_id, params=flat[i : i + 90])
 
 
+def experiment_id(c, name: str) -> str:
+    """The experiment's id, created if needed; a run that started at the same moment may create it first."""
+    from mlflow.exceptions import MlflowException
+
+    for _ in range(2):
+        if (exp := c.get_experiment_by_name(name)) is not None:
+            return exp.experiment_id
+        try:
+            return c.create_experiment(name)
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+    raise RuntimeError(f"MLflow experiment {name!r} could not be read or created")
+
+
 def get_or_create_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str], resume_by: tuple[str, ...] = (),
                       params: dict | None = None) -> Tracking:
     """The run whose tags `resume_by` (keys of `tags`) match, set RUNNING again: a retry of the same
     Prefect flow run continues its MLflow run. Else a new run with `tags`, logging `params`."""
     uri = cfg.tracking_uri()
     c = client(uri)
-    exp = c.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(cfg.tracking.experiment)
+    exp_id = experiment_id(c, cfg.tracking.experiment)
     if resume_by:
         query = " and ".join(f"tags.`{k}` = '{tags[k]}'" for k in resume_by)
         found = c.search_runs([exp_id], filter_string=query, max_results=1)
