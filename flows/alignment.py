@@ -10,7 +10,9 @@ retry (from the Prefect UI or by hand) redoes only what failed and what follows 
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.context import get_run_context
@@ -18,8 +20,50 @@ from prefect.context import get_run_context
 from flows.promote import promote_policy
 from tasks.config import load_config
 from stages.data_prep import check_local_source
+from tasks import report
 from tasks import tracking as mlf
 from tasks.stage import StageResult, configured
+
+
+@dataclasses.dataclass(frozen=True)
+class Night:
+    data: StageResult
+    sft: StageResult
+    reward_model: StageResult
+    sft_eval: StageResult
+    policy: StageResult
+    policy_eval: StageResult
+    stages: dict[str, StageResult]  # by label ("sft", "update[0]"...), in the order they ran
+
+
+def chain(cfg, rounds: int, run: Callable[..., StageResult]) -> Night:
+    """The stages and what each one reads. `run(stage, inputs, round_idx, label)` runs one stage
+    (the flow's retriable task) or, for `alignflow status`, only looks it up in the store."""
+    stages: dict[str, StageResult] = {}
+
+    def step(stage: str, inputs: dict, round_idx: int | None = None, label: str = "") -> StageResult:
+        stages[stage + label] = result = run(stage, inputs, round_idx, label)
+        return result
+
+    data = step("data_prep", {})
+    sft = step("sft", {"data": data})
+    reward_model = step("reward_model", {"data": data, "sft": sft})
+    sft_eval = step("evaluate", {"policy": sft, "data": data, "reward_model": reward_model}, label="[sft]")
+
+    policy = sft
+    # PPO's value model of round r: the reward model or SFT at first, then what update r-1 wrote.
+    value = reward_model if cfg.rl.value_init == "reward_model" else sft
+    for r in range(rounds):
+        critic = {"value": value} if cfg.rl.trains_value_model else {}
+        rollouts = step("generate", {"policy": policy, "data": data}, r, f"[{r}]")
+        scored = step("score", {"rollouts": rollouts, "reference": sft, "reward_model": reward_model,
+                                "data": data, **critic}, r, f"[{r}]")
+        policy = step("update", {"policy": policy, "scored": scored, **critic}, r, f"[{r}]")
+        value = policy  # update writes value/ next to checkpoint/
+
+    policy_eval = step("evaluate", {"policy": policy, "data": data, "reward_model": reward_model},
+                       label="[policy]")
+    return Night(data, sft, reward_model, sft_eval, policy, policy_eval, stages)
 
 
 @task(task_run_name="register-policy")
@@ -47,26 +91,9 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
                      debug=debug.get(f"{name}{label}"))
 
     try:
-        data = run("data_prep", {})
-        sft = run("sft", {"data": data})
-        reward_model = run("reward_model", {"data": data, "sft": sft})
-        sft_eval = run("evaluate", {"policy": sft, "data": data, "reward_model": reward_model}, label="[sft]")
-
-        policy, history = sft, [sft, data, reward_model, sft_eval]
-        # PPO's value model of round r: the reward model or SFT at first, then what update r-1 wrote.
-        value = reward_model if cfg.rl.value_init == "reward_model" else sft
-        for r in range(rounds):
-            critic = {"value": value} if cfg.rl.trains_value_model else {}
-            rollouts = run("generate", {"policy": policy, "data": data}, r, f"[{r}]")
-            scored = run("score", {"rollouts": rollouts, "reference": sft, "reward_model": reward_model,
-                                   "data": data, **critic}, r, f"[{r}]")
-            policy = run("update", {"policy": policy, "scored": scored, **critic}, r, f"[{r}]")
-            value = policy  # update writes value/ next to checkpoint/
-            history += [rollouts, scored, policy]
-
-        policy_eval = run("evaluate", {"policy": policy, "data": data, "reward_model": reward_model},
-                          label="[policy]")
-        history.append(policy_eval)
+        night = chain(cfg, rounds, run)
+        data, sft, reward_model, policy = night.data, night.sft, night.reward_model, night.policy
+        sft_eval, policy_eval, history = night.sft_eval, night.policy_eval, list(night.stages.values())
         model_name, version = register_policy(cfg, tracking, policy, lineage={
             "pipeline": cfg.pipeline, "config_digest": cfg.digest(), "data_digest": data.artifact.digest,
             "policy_key": policy.artifact.manifest["key"], "sft_key": sft.artifact.manifest["key"],
@@ -103,6 +130,7 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
     }
     mlf.log_metrics(tracking, tracking.parent_run_id,
                     {k: v for k, v in summary.items() if k.endswith(("accuracy", "reward", "seconds"))})
+    report.publish(tracking, night.stages, summary)  # a Prefect artifact and plots on the parent run
     mlf.end_run(tracking, tracking.parent_run_id, "FINISHED")
     logger.info("policy accuracy %.4f (sft %.4f) on %d held-out prompts; %s v%s",
                 summary["policy_accuracy"], summary["sft_accuracy"], summary["eval_prompts"], model_name, version)

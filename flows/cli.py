@@ -1,4 +1,8 @@
-"""`alignflow run [CONFIG] [--rounds N] [--summary-out PATH]`: the pipeline, here and now."""
+"""The command line.
+
+    alignflow run [CONFIG] [--rounds N] [--summary-out PATH]   the pipeline, here and now
+    alignflow status [CONFIG] [--rounds N]                     what the store holds, what a run would launch
+"""
 
 from __future__ import annotations
 
@@ -27,15 +31,23 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
     run.add_argument("--rounds", type=int, default=None, help="override rl.rounds")
     run.add_argument("--summary-out", type=Path, default=None, help="write the summary JSON here")
+    status = sub.add_parser("status", help="every stage of a config: valid, missing or invalid in the store")
+    status.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    status.add_argument("--rounds", type=int, default=None, help="override rl.rounds")
     args = parser.parse_args(argv)
 
     from tasks.config import ConfigError, load_config
 
     try:  # validate before anything starts: a bad config never launches a job
-        load_config(args.config)
+        cfg = load_config(args.config)
     except ConfigError as err:
         print(f"alignflow: {err}", file=sys.stderr)
         return 2
+    if args.command == "status":
+        from tasks.status import render, survey
+
+        print(render(cfg, survey(cfg, args.rounds)))
+        return 0
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from stages.common import store
 from tasks.config import PipelineConfig
@@ -67,11 +68,15 @@ def experiment_id(c, name: str) -> str:
     """The experiment's id, created if needed; a run that started at the same moment may create it first."""
     from mlflow.exceptions import MlflowException
 
+    # A SQLite store keeps its artifacts (plots, models) beside its file, not in the current directory.
+    location = None
+    if c.tracking_uri.startswith("sqlite:///"):
+        location = (Path(c.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
     for _ in range(2):
         if (exp := c.get_experiment_by_name(name)) is not None:
             return exp.experiment_id
         try:
-            return c.create_experiment(name)
+            return c.create_experiment(name, artifact_location=location)
         except MlflowException as err:
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
                 raise
@@ -120,6 +125,11 @@ def find_stage_run(tracking: Tracking, key: str) -> str | None:
         [tracking.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
         filter_string=f"tags.mlflow.parentRunId = '{tracking.parent_run_id}' and tags.`alignflow.key` = '{key}'")
     return found[0].info.run_id if found else None
+
+
+def ui_link(uri: str, text: str, path: str) -> str:
+    """A markdown link into the MLflow UI when the tracking URI is a server's, else the text."""
+    return f"[{text}]({uri.rstrip('/')}/#/{path})" if uri.startswith(("http://", "https://")) else text
 
 
 def set_tags(tracking: Tracking, run_id: str, tags: dict) -> None:

@@ -152,3 +152,98 @@ def test_first_policy_becomes_champion(s3_pipeline):
     assert str(champion.version) == s["model_version"]
     assert champion.tags["promotion"] == "accepted"
     assert champion.tags["lineage.update"]  # traceable back through its rounds
+
+
+def _night_reports() -> list[str]:
+    """The night reports (Prefect markdown artifacts) of this module's runs, oldest first."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["night-test-arith"])),
+                                      sort=ArtifactSort.CREATED_DESC, limit=2)
+    return [a.data for a in reversed(found)]
+
+
+def test_night_report_artifact(s3_pipeline):
+    first, second = _night_reports()  # the run with the fault, then the rerun
+    s = s3_pipeline["first"]
+    labels = ["data_prep", "sft", "reward_model", "evaluate[sft]", "generate[0]", "score[0]", "update[0]",
+              "generate[1]", "score[1]", "update[1]", "evaluate[policy]"]
+    rows = [line for line in first.splitlines() if line.startswith("| ") and "`" in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == labels
+    assert all(" | launched | " in r for r in rows)
+    assert f"{STAGES_PER_RUN} stages launched, 0 skipped" in first
+    assert f"0 stages launched, {STAGES_PER_RUN} skipped" in second
+    assert second.count("skipped (output in the store)") == STAGES_PER_RUN
+    assert f"| SFT | {s['sft_accuracy']:.4f} | {s['sft_mean_reward']:.4f} |" in first
+    assert f"| policy | {s['policy_accuracy']:.4f} | {s['policy_mean_reward']:.4f} |" in first
+    assert f"v{s['model_version']}: **{s['promotion'].upper()}**" in first and s["promotion_reason"] in first
+
+
+def test_night_plots_on_the_parent_run(s3_pipeline, tmp_path):
+    from tasks import report
+    from tasks import tracking as mlf
+    from tasks.stage import StageResult
+
+    client = MlflowClient(s3_pipeline["config"]["tracking"]["uri"])
+    for night in ("first", "second"):
+        run_id = s3_pipeline[night]["mlflow_run_id"]
+        assert sorted(a.path for a in client.list_artifacts(run_id, "plots")) == ["plots/losses.png", "plots/rounds.png"]
+        for name in ("losses.png", "rounds.png"):
+            png = client.download_artifacts(run_id, f"plots/{name}", str(tmp_path / night))
+            with open(png, "rb") as fh:
+                assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The rerun launched nothing, yet plots the loss curves of the jobs that trained on the first night.
+    parent = client.get_run(s3_pipeline["first"]["mlflow_run_id"])
+    sft_run = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and attributes.run_name = 'sft'"))[0]
+    history = sorted(client.get_metric_history(sft_run.info.run_id, "loss"), key=lambda m: m.step)
+    opts = s3_pipeline["opts"]
+    sft = store.read_artifact(store.join(f"s3://{s3_pipeline['bucket']}/runs/test-arith/sft",
+                                         sft_run.data.tags["alignflow.key"]), opts)
+    rm_key = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and attributes.run_name = 'reward_model'"))[0]
+    rm = store.read_artifact(store.join(f"s3://{s3_pipeline['bucket']}/runs/test-arith/reward_model",
+                                        rm_key.data.tags["alignflow.key"]), opts)
+    rerun = mlf.Tracking(s3_pipeline["config"]["tracking"]["uri"], parent.info.experiment_id,
+                         s3_pipeline["second"]["mlflow_run_id"])
+    curves = report.loss_curves(rerun, {"sft": StageResult(sft, False), "reward_model": StageResult(rm, False)})
+    assert curves["sft"] == ([m.step for m in history], [m.value for m in history]) and len(history) >= 2
+    assert len(curves["reward_model"][0]) >= 2
+
+
+def test_status_of_the_store(s3_pipeline, tmp_path):
+    import subprocess
+    import sys
+
+    from tasks.config import load_config
+    from tasks.status import INVALID, VALID, WAITING, render, survey
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(s3_pipeline["config"]))
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "status", str(config)], capture_output=True, text=True,
+                         check=True, cwd=store.__file__.rsplit("/stages/", 1)[0]).stdout
+    assert f"a run now would launch 0 stage(s) and skip {STAGES_PER_RUN}" in out
+    cfg = load_config(config)
+    entries = survey(cfg)
+    assert [e.state for e in entries] == [VALID] * STAGES_PER_RUN
+    policy_uri = s3_pipeline["first"]["policy_checkpoint_uri"].rsplit("/", 1)[0]
+    assert entries[-2].label == "update[1]" and entries[-2].uri == policy_uri
+    assert entries[-2].size == sum(f["size"] for f in store.read_artifact(policy_uri, s3_pipeline["opts"]).manifest["files"])
+
+    # A checkpoint file whose bytes changed (same size): that stage is invalid, what follows waits for it.
+    fs, base = store.filesystem(policy_uri, s3_pipeline["opts"])
+    path = f"{base}/checkpoint/config.json"
+    original = fs.cat_file(path)
+    fs.pipe_file(path, original.replace(b"{", b" ", 1) if original.startswith(b"{") else original[::-1])
+    try:
+        entries = survey(cfg)
+    finally:
+        fs.pipe_file(path, original)
+    by_label = {e.label: e for e in entries}
+    assert by_label["update[1]"].state == INVALID and "checkpoint/config.json" in by_label["update[1]"].why
+    assert by_label["evaluate[policy]"].state == WAITING and by_label["evaluate[policy]"].why == "after update[1]"
+    assert sum(e.state == VALID for e in entries) == STAGES_PER_RUN - 2
+    assert render(cfg, entries).endswith("would launch 2 stage(s) and skip 9, starting with update[1]")

@@ -45,8 +45,8 @@ def markdown(client, cfg: PipelineConfig, s: dict, evals: dict) -> str:
     """The comparison table, a row per role from the summary, and the facts behind it."""
     uri, name, exp = s["mlflow_tracking_uri"], s["registered_model"], s["mlflow_experiment_id"]
 
-    def link(text: str, path: str) -> str:  # into the MLflow UI, when the tracking URI is a server's
-        return f"[{text}]({uri.rstrip('/')}/#/{path})" if uri.startswith(("http://", "https://")) else text
+    def link(text: str, path: str) -> str:
+        return mlf.ui_link(uri, text, path)
 
     def version(v: str | None) -> str:
         return "-" if v is None else link(f"v{v}", f"models/{name}/versions/{v}")
