@@ -2,6 +2,7 @@
 
     data_prep -> sft -> reward_model -> evaluate(sft)
               -> rounds of: generate(policy r) -> score -> update (rl.algorithm) = policy r+1
+                 (method: dpo instead: dpo on the preference pairs = the policy)
               -> evaluate(policy) -> register the policy in MLflow -> promote it if it beats the champion
 
 Every stage is a retriable task that skips itself when its output already exists, so a
@@ -51,6 +52,8 @@ def chain(cfg, rounds: int, run: Callable[..., StageResult]) -> Night:
     sft_eval = step("evaluate", {"policy": sft, "data": data, "reward_model": reward_model}, label="[sft]")
 
     policy = sft
+    if cfg.method == "dpo":  # offline: the preference pairs, with SFT as the reference; no rounds
+        policy = step("dpo", {"data": data, "sft": sft})
     # PPO's value model of round r: the reward model or SFT at first, then what update r-1 wrote.
     value = reward_model if cfg.rl.value_init == "reward_model" else sft
     for r in range(rounds):
@@ -80,7 +83,7 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
     cfg = load_config(config_path)
     if cfg.data.source == "hf":  # a bad local dataset fails here, before any job starts
         check_local_source(cfg.data.hf)
-    rounds = cfg.rl.rounds if rounds is None else rounds
+    rounds = cfg.rl_rounds(rounds)
     flow_run = get_run_context().flow_run
     tracking = mlf.start_pipeline_run(cfg, str(flow_run.id), flow_run.name, rounds)
     stage = configured(cfg)

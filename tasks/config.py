@@ -18,8 +18,8 @@ import yaml
 from pydantic import Field, ValidationError
 
 from stages.common import store
-from stages.common.sections import (DataConfig, EngineConfig, EvaluateConfig, GenerateConfig, ModelConfig,
-                                  RewardModelConfig, RLConfig, SFTConfig, Strict)
+from stages.common.sections import (DataConfig, DPOConfig, EngineConfig, EvaluateConfig, GenerateConfig,
+                                  ModelConfig, RewardModelConfig, RLConfig, SFTConfig, Strict)
 
 
 class ConfigError(ValueError):
@@ -69,6 +69,9 @@ class PipelineConfig(Strict):
     engine: EngineConfig = EngineConfig()
     sft: SFTConfig = SFTConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
+    # How the policy is trained from SFT: rounds of RL (generate, score, update), or DPO on the pairs.
+    method: Literal["rl", "dpo"] = "rl"
+    dpo: DPOConfig = DPOConfig()
     generate: GenerateConfig = GenerateConfig()
     rl: RLConfig = RLConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -78,6 +81,10 @@ class PipelineConfig(Strict):
         """Hash of what determines the results (not where they are stored or tracked)."""
         data = self.model_dump(mode="json", exclude={"storage", "tracking", "launch"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def rl_rounds(self, override: int | None = None) -> int:
+        """The rounds of RL a run does: `rl.rounds` unless overridden; none with method: dpo."""
+        return 0 if self.method == "dpo" else self.rl.rounds if override is None else override
 
     def storage_root(self) -> str:
         root = self.storage.root or os.environ.get("ALIGNFLOW_STORAGE_ROOT") or ".alignflow/store"

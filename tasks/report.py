@@ -41,7 +41,8 @@ def markdown(tracking: mlf.Tracking, summary: dict, rows: list[dict]) -> str:
         seconds = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
         lines.append(f"| {r['stage']} | {done} | {seconds} | `{r['key']}` | {run(r['run_id'])} |")
     s = summary
-    lines += ["", f"## SFT against the policy after {s['rounds']} rounds",
+    trained = "DPO" if "dpo" in {r["stage"] for r in rows} else f"{s['rounds']} rounds of RL"
+    lines += ["", f"## SFT against tonight's policy ({trained})",
               f"Held-out set of {s['eval_prompts']} prompts, greedy decoding.", "",
               "| model | accuracy | mean reward |", "|---|---|---|",
               f"| SFT | {s['sft_accuracy']:.4f} | {s['sft_mean_reward']:.4f} |",
@@ -68,7 +69,7 @@ def round_series(stages: dict[str, StageResult]) -> dict[str, tuple[list[int], l
         "reward_mean": (rounds, [stages[f"score[{r}]"].metrics["reward_mean"] for r in rounds]),
         "kl": ([r + 1 for r in rounds], [stages[f"update[{r}]"].metrics.get("kl", float("nan")) for r in rounds]),
         "sampled_accuracy": (rounds, [stages[f"score[{r}]"].metrics["verifier_accuracy"] for r in rounds]),
-        "heldout_accuracy": ([0, len(rounds)], [stages["evaluate[sft]"].metrics["accuracy"],
+        "heldout_accuracy": ([0, max(len(rounds), 1)], [stages["evaluate[sft]"].metrics["accuracy"],
                                                stages["evaluate[policy]"].metrics["accuracy"]]),
     }
 

@@ -60,7 +60,7 @@ def survey(cfg: PipelineConfig, rounds: int | None = None) -> list[Entry]:
         entries.append(Entry(name, INVALID, spec.key, spec.output, None, why))
         return Pending(name)
 
-    chain(cfg, cfg.rl.rounds if rounds is None else rounds, look)
+    chain(cfg, cfg.rl_rounds(rounds), look)
     return entries
 
 

@@ -13,7 +13,7 @@ import torch
 
 from tests.rl_batches import packed_batch, rand, response
 from stages.common.losses import (aggregate_loss, bradley_terry_loss, clipped_policy_loss, clipped_value_loss,
-                                  grpo_loss, kl_estimate)
+                                  dpo_loss, grpo_loss, kl_estimate, sequence_logps)
 
 TOL = dict(rel=1e-5, abs=1e-6)
 
@@ -53,6 +53,40 @@ def test_bradley_terry_matches_loop():
     chosen, rejected = rand(13, 0, 3.0), rand(13, 1, 3.0)
     expected = sum(-math.log(1 / (1 + math.exp(-(c - r)))) for c, r in zip(chosen.tolist(), rejected.tolist())) / 13
     assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-6)
+
+
+def ref_dpo_pair(pc, pr, rc, rr, beta, loss_type) -> float:
+    h = (sum(pc) - sum(rc)) - (sum(pr) - sum(rr)) if loss_type == "sigmoid" else \
+        (sum(pc) / len(pc) - sum(rc) / len(rc)) - (sum(pr) / len(pr) - sum(rr) / len(rr))
+    if loss_type == "sigmoid":
+        return math.log(1 + math.exp(-beta * h))
+    return (h - 1 / (2 * beta)) ** 2
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_loss_matches_loop(loss_type, beta):
+    """From token log-probabilities in the packed layout: chosen rows then rejected rows."""
+    spans, mask = packed_batch(7, rows=12)
+    policy, reference = -rand(mask.shape, 8).abs(), -rand(mask.shape, 9).abs()
+    average = loss_type == "ipo"
+    seq, ref = sequence_logps(policy, mask, average), sequence_logps(reference, mask, average)
+    loss, margins = dpo_loss(seq[:6], seq[6:], ref[:6], ref[6:], beta, loss_type)
+    per_pair = [ref_dpo_pair(response(policy, i, spans[i]), response(policy, i + 6, spans[i + 6]),
+                             response(reference, i, spans[i]), response(reference, i + 6, spans[i + 6]), beta, loss_type)
+                for i in range(6)]
+    assert loss.item() == pytest.approx(sum(per_pair) / 6, **TOL)
+    assert margins.shape == (6,) and not margins.requires_grad
+
+
+def test_dpo_gradient_raises_the_chosen_response():
+    chosen, rejected = torch.tensor([-3.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)
+    for loss_type in ("sigmoid", "ipo"):
+        loss, _ = dpo_loss(chosen, rejected, torch.tensor([-3.0]), torch.tensor([-2.0]), 0.1, loss_type)
+        gc, gr = torch.autograd.grad(loss, [chosen, rejected])
+        assert gc.item() < 0 < gr.item()  # descent raises log p(chosen) and lowers log p(rejected)
+    with pytest.raises(ValueError, match="unknown DPO loss 'hinge'"):
+        dpo_loss(chosen, rejected, chosen, rejected, 0.1, "hinge")
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])

@@ -28,24 +28,30 @@ def write_spec(cfg, stage: str, name: str, inputs: dict[str, str], round_idx: in
     return store.join(out, store.SPEC)
 
 
-def test_sigkilled_sft_resumes_from_last_save(tmp_path):
-    cfg = parse_config(small_config(tmp_path, **{"sft.steps": 40, "sft.save_every": 10, "sft.log_every": 5}))
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_sigkilled_training_job_resumes_from_last_save(tmp_path, stage):
+    steps = {f"{s}.{k}": v for s in ("sft", "dpo") for k, v in (("steps", 40), ("save_every", 10), ("log_every", 5))}
+    cfg = parse_config(small_config(tmp_path, **steps, **{"dpo.batch_size": 16}))
     work = tmp_path / "work"
     env = job_env(2, {"ALIGNFLOW_WORK_DIR": str(work)})
     logs: list[str] = []
     run_job(torchrun_command("data_prep", write_spec(cfg, "data_prep", "d", {}), 2), timeout_s=300,
             log_line=logs.append, env=env)
-    data_uri = store.join(cfg.storage_root(), cfg.pipeline, "data_prep", "d")
+    inputs = {"data": store.join(cfg.storage_root(), cfg.pipeline, "data_prep", "d")}
+    if stage == "dpo":  # DPO trains from SFT, its reference
+        run_job(torchrun_command("sft", write_spec(cfg, "sft", "s", inputs), 2), timeout_s=300,
+                log_line=logs.append, env=env)
+        inputs["sft"] = store.join(cfg.storage_root(), cfg.pipeline, "sft", "s")
 
     # Reference: uninterrupted.
-    run_job(torchrun_command("sft", write_spec(cfg, "sft", "whole", {"data": data_uri}), 2), timeout_s=300,
+    run_job(torchrun_command(stage, write_spec(cfg, stage, "whole", inputs), 2), timeout_s=300,
             log_line=logs.append, env=env)
-    whole = store.read_artifact(store.join(cfg.storage_root(), cfg.pipeline, "sft", "whole"))
+    whole = store.read_artifact(store.join(cfg.storage_root(), cfg.pipeline, stage, "whole"))
 
     # Interrupted: SIGKILL the whole job (torchrun and workers) once a resume point exists.
-    spec = write_spec(cfg, "sft", "killed", {"data": data_uri})
-    out_dir = tmp_path / "store" / cfg.pipeline / "sft" / "killed"
-    proc = subprocess.Popen(torchrun_command("sft", spec, 2), cwd=PROJECT_ROOT, env=env, start_new_session=True,
+    spec = write_spec(cfg, stage, "killed", inputs)
+    out_dir = tmp_path / "store" / cfg.pipeline / stage / "killed"
+    proc = subprocess.Popen(torchrun_command(stage, spec, 2), cwd=PROJECT_ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (out_dir / "_resume" / "latest.json").exists():
@@ -56,15 +62,15 @@ def test_sigkilled_sft_resumes_from_last_save(tmp_path):
     proc.wait()
     assert not (out_dir / store.MANIFEST).exists()  # killed: no output exists
     left = sorted(p.name for p in (work / "alignflow-jobs").iterdir())
-    assert left == [f"{cfg.pipeline}-sft-killed-r0", f"{cfg.pipeline}-sft-killed-r1"]  # SIGKILL: no cleanup
+    assert left == [f"{cfg.pipeline}-{stage}-killed-r0", f"{cfg.pipeline}-{stage}-killed-r1"]  # SIGKILL: no cleanup
     saved_step = json.loads((out_dir / "_resume" / "latest.json").read_text())["step"]
     assert 10 <= saved_step < 40
 
     relaunch: list[str] = []
-    run_job(torchrun_command("sft", spec, 2), timeout_s=300, log_line=relaunch.append, env=env)
+    run_job(torchrun_command(stage, spec, 2), timeout_s=300, log_line=relaunch.append, env=env)
     assert any(f"resumed from step {saved_step}" in line for line in relaunch), "\n".join(relaunch)
-    assert not any("sft step 5/40" in line for line in relaunch)  # did not start over
-    resumed = store.read_artifact(store.join(cfg.storage_root(), cfg.pipeline, "sft", "killed"))
+    assert not any(f"{stage} step 5/40" in line for line in relaunch)  # did not start over
+    resumed = store.read_artifact(store.join(cfg.storage_root(), cfg.pipeline, stage, "killed"))
     assert not (out_dir / "_resume").exists()  # cleaned once the output is complete
     assert not any((work / "alignflow-jobs").iterdir())  # the relaunch removed the killed job's folders, then its own
     assert resumed.file("checkpoint/model.safetensors").sha256 == whole.file("checkpoint/model.safetensors").sha256

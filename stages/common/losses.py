@@ -20,6 +20,33 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
     return -F.logsigmoid(chosen - rejected).mean()
 
 
+def sequence_logps(token_logps: torch.Tensor, response_mask: torch.Tensor, average: bool) -> torch.Tensor:
+    """[rows, T] token log-probabilities -> [rows]: summed over each response's tokens, or averaged."""
+    total = (token_logps * response_mask).sum(-1)
+    return total / response_mask.sum(-1).clamp(min=1) if average else total
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, loss_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO's loss over pairs, and each pair's implicit reward margin.
+
+    All inputs [pairs]: the response's log-probability under the policy and the reference
+    (summed over its tokens for "sigmoid", averaged over them for "ipo", as IPO is defined).
+        h       = (chosen - ref_chosen) - (rejected - ref_rejected)
+        sigmoid = -log sigmoid(beta * h)                   (Rafailov et al. 2023)
+        ipo     = (h - 1 / (2 * beta))^2                   (Azar et al. 2023)
+    margin = beta * h: the chosen response's implicit reward minus the rejected one's.
+    """
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}")
+    return losses.mean(), (beta * h).detach()
+
+
 # --- masked statistics ------------------------------------------------------------------
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .sections import (DataConfig, EngineConfig, EvaluateConfig, GenerateConfig, LoadOptions, ModelConfig,
+from .sections import (DataConfig, DPOConfig, EngineConfig, EvaluateConfig, GenerateConfig, LoadOptions, ModelConfig,
                        RewardModelConfig, RolloutConfig, ScoringConfig, SFTConfig, Strict, UpdateConfig)
 
 
@@ -33,6 +33,13 @@ class RewardModelParams(Strict):
     model: LoadOptions
     engine: EngineConfig
     reward_model: RewardModelConfig
+
+
+class DPOParams(Strict):
+    seed: int
+    model: LoadOptions
+    engine: EngineConfig
+    dpo: DPOConfig
 
 
 class GenerateParams(Strict):
@@ -65,6 +72,6 @@ class EvaluateParams(Strict):
 
 
 STAGE_PARAMS: dict[str, type[Strict]] = {
-    "data_prep": DataPrepParams, "sft": SFTParams, "reward_model": RewardModelParams,
+    "data_prep": DataPrepParams, "sft": SFTParams, "reward_model": RewardModelParams, "dpo": DPOParams,
     "generate": GenerateParams, "score": ScoreParams, "update": UpdateParams, "evaluate": EvaluateParams,
 }

@@ -112,6 +112,19 @@ class RewardModelConfig(Strict):
     save_every: int = Field(100, ge=1)  # resume state under {output}/_resume/
 
 
+class DPOConfig(Strict):
+    """The `dpo` stage (method: dpo): the policy from SFT on the preference pairs, SFT as the reference."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(64, ge=1)  # pairs per step, global, split over ranks
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)  # held-out pairs for the preference accuracy
+    log_every: int = Field(20, ge=1)
+    save_every: int = Field(100, ge=1)  # resume state under {output}/_resume/
+
+
 class GenerateConfig(Strict):
     backend: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM when CUDA and vLLM are present
     batch_size: int = Field(512, ge=1)  # sequences per generate() call on one rank (hf)
