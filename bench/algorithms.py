@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from bench._common import write_results  # noqa: E402
 
-ALGORITHMS = ["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
+ALGORITHMS = ["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "dpo"]  # dpo: configs/dpo.yaml, no RL rounds
 # What the small config takes from the tests (sizes), not from the algorithm's config.
 SIZE_KEYS = {"rounds", "prompts_per_round", "samples_per_prompt", "max_new_tokens", "epochs", "minibatch_size", "lr"}
 
@@ -48,7 +48,8 @@ def bench_config(algorithm: str, small: bool, workdir: Path) -> dict:
         from conftest import small_config
 
         base = small_config(workdir)
-        base["rl"].update({k: v for k, v in cfg["rl"].items() if k not in SIZE_KEYS})
+        base["rl"].update({k: v for k, v in cfg.get("rl", {}).items() if k not in SIZE_KEYS})
+        base.update({k: cfg[k] for k in ("method", "dpo") if k in cfg})
         if base["rl"].get("overlong_buffer", 0) >= base["rl"]["max_new_tokens"]:
             base["rl"]["overlong_buffer"] = 0
         # The small SFT policy is rarely right, so dynamic sampling would drop every group of the
@@ -62,10 +63,13 @@ def bench_config(algorithm: str, small: bool, workdir: Path) -> dict:
 
 
 def rl_compute_seconds(summary: dict, rounds: int) -> float:
-    """Sum of stage_seconds of every round's generate/score/update, walking back from the policy."""
+    """Sum of stage_seconds of every round's generate/score/update, walking back from the policy
+    (for DPO, of its one dpo stage)."""
     from stages.common import store
 
     total, uri = 0.0, summary["policy_checkpoint_uri"].removesuffix("/checkpoint")
+    if rounds == 0:
+        return round(store.read_artifact(uri).metrics.get("stage_seconds", 0.0), 2)
     for _ in range(rounds):
         update = store.read_artifact(uri)
         scored = store.read_artifact(update.manifest["inputs"]["scored"]["uri"])
@@ -108,18 +112,23 @@ def main() -> int:
 
     print(f"bench: {algorithms} in {workdir} ({'small' if args.small else 'tiny'} config)", flush=True)
     started = time.time()
-    warmup = alignment(config_path=str(paths[algorithms[0]]), rounds=0)  # data_prep, sft, reward_model, eval
+    # data_prep, sft, reward_model, evaluate[sft]: the same keys in every config (an RL one with 0 rounds,
+    # so that a DPO config's dpo stage is not run here)
+    warmup_path = workdir / "configs" / "warmup.yaml"
+    warmup_path.write_text(yaml.safe_dump(bench_config("grpo", args.small, workdir), sort_keys=False))
+    warmup = alignment(config_path=str(warmup_path), rounds=0)
     shared_s = time.time() - started
 
     rows = []
     for algorithm in algorithms:
         cfg = load_config(paths[algorithm])
-        rounds = cfg.rl.rounds if args.rounds is None else args.rounds
+        rounds = cfg.rl_rounds(args.rounds)
         t0 = time.time()
         summary = alignment(config_path=str(paths[algorithm]), rounds=rounds)
         wall = time.time() - t0
         rows.append({
-            "algorithm": algorithm, "advantage": cfg.rl.advantage, "reward": cfg.rl.reward, "rounds": rounds,
+            "algorithm": algorithm, "advantage": cfg.rl.advantage if rounds else "-",
+            "reward": cfg.rl.reward if rounds else "preference pairs", "rounds": rounds,
             "sft_accuracy": summary["sft_accuracy"], "policy_accuracy": summary["policy_accuracy"],
             "delta": summary["policy_accuracy"] - summary["sft_accuracy"], "eval_prompts": summary["eval_prompts"],
             "wall_s": round(wall, 1), "rl_compute_s": rl_compute_seconds(summary, rounds),
