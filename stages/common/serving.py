@@ -57,7 +57,7 @@ def save_model(policy: store.Artifact, path: str | os.PathLike, storage_options:
 
 def verify_checkpoint(data_path: str | os.PathLike) -> Path:
     """The checkpoint directory under `data_path`, once every file in it matches the manifest beside it."""
-    data = Path(data_path)
+    data = Path(data_path).resolve()
     try:
         manifest = store.read_json(str(data / store.MANIFEST))
     except FileNotFoundError:
