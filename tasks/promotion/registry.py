@@ -73,7 +73,7 @@ def checkpoint_uri(mv) -> str:
 
 
 def checkpoint_artifact(source: str, storage_options: dict | None = None, digest: str | None = None) -> store.Artifact:
-    """The pipeline artifact whose `checkpoint/` a model version's source is (and whose manifest digest
+    """The pipeline artifact whose `checkpoint/` is at `source` (a version's checkpoint_uri; whose manifest digest
     is `digest`, if given); store.ArtifactError naming the file if a file is missing or of the wrong size."""
     src = source.rstrip("/")
     if posixpath.basename(src) != CHECKPOINT:
