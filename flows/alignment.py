@@ -4,6 +4,7 @@
               -> rounds of: generate(policy r) -> score -> update (rl.algorithm) = policy r+1
                  (method: dpo instead: dpo on the preference pairs = the policy)
               -> evaluate(policy) -> register the policy in MLflow -> promote it if it beats the champion
+                 (the first champion must beat evaluate(sft))
 
 Every stage is a retriable task that skips itself when its output already exists, so a
 retry (from the Prefect UI or by hand) redoes only what failed and what follows it.
@@ -104,7 +105,8 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
             "eval_accuracy": str(policy_eval.metrics["accuracy"]),
         })
         # The champion alias moves only if tonight's policy beats it on the same held-out set.
-        promotion = promote_policy(cfg, tracking, version, policy=policy, data=data, reward_model=reward_model)
+        promotion = promote_policy(cfg, tracking, version, policy=policy, data=data, reward_model=reward_model,
+                                   sft_eval=sft_eval)
     except BaseException:
         mlf.end_run(tracking, tracking.parent_run_id, "FAILED")
         raise

@@ -33,7 +33,7 @@ def evaluate_version(cfg: PipelineConfig, run: mlf.Tracking, version: str, role:
     """Evaluate a version as "candidate" (which must be `policy`, if given) or "champion"; a bad
     checkpoint raises CandidateInvalid or ChampionUnavailable, naming the version and the file."""
     opts = cfg.storage_options()
-    source = mlf.client(run.uri).get_model_version(cfg.tracking.registered_model, version).source
+    source = pr.checkpoint_uri(mlf.client(run.uri).get_model_version(cfg.tracking.registered_model, version))
 
     def checked(check, *args):
         try:
@@ -60,7 +60,8 @@ def _score(evaluation: StageResult | None, metric: str) -> float | None:
 
 
 def _gate(cfg: PipelineConfig, run: mlf.Tracking, version: str, candidate: StageResult,
-          champions: dict[str, StageResult], data: StageResult, reward_model: StageResult) -> pr.Decision:
+          champions: dict[str, StageResult], data: StageResult, reward_model: StageResult,
+          sft_eval: StageResult | None) -> pr.Decision:
     """Evaluate the champion (into `champions`) and gate; if the champion changed meanwhile, again."""
     client, name, p = mlf.client(run.uri), cfg.tracking.registered_model, cfg.promote
     champion = pr.champion_version(client, name)
@@ -71,15 +72,18 @@ def _gate(cfg: PipelineConfig, run: mlf.Tracking, version: str, candidate: Stage
             return registry_gate(client, name, version, _score(candidate, p.metric),
                                  {v: _score(r, p.metric) for v, r in champions.items()}, margin=p.margin,
                                  min_score=p.min_score, metric=p.metric, eval_data_digest=data.artifact.digest,
-                                 extra_tags={"promotion_run_id": run.parent_run_id})
+                                 extra_tags={"promotion_run_id": run.parent_run_id},
+                                 sft_score=_score(sft_eval, p.metric))
         except pr.ChampionChanged as changed:  # promoted meanwhile: evaluate the new champion, gate again
             champion = changed.version
     raise pr.PromotionError(f"the champion of {name} changed {MAX_CHAMPION_CHANGES} times during this promotion")
 
 
 def _promote(cfg: PipelineConfig, run: mlf.Tracking, version: str, policy: StageResult | None = None,
-             data: StageResult | None = None, reward_model: StageResult | None = None) -> dict:
-    """Evaluate, gate, report. The promotion run ends FINISHED, or FAILED with the error raised."""
+             data: StageResult | None = None, reward_model: StageResult | None = None,
+             sft_eval: StageResult | None = None) -> dict:
+    """Evaluate, gate, report. The promotion run ends FINISHED, or FAILED with the error raised.
+    `sft_eval`: the evaluation of the SFT model the candidate was trained from (a first champion beats it)."""
     client, name, metric = mlf.client(run.uri), cfg.tracking.registered_model, cfg.promote.metric
     candidate, champions, error = None, {}, None
     try:
@@ -88,16 +92,20 @@ def _promote(cfg: PipelineConfig, run: mlf.Tracking, version: str, policy: Stage
             data = stage("data_prep", cfg, {}, run)
             sft = stage("sft", cfg, {"data": data}, run)
             reward_model = stage("reward_model", cfg, {"data": data, "sft": sft}, run)
+            # A version trained from this config's SFT model (its lineage says so) must beat it to be the first champion.
+            if client.get_model_version(name, version).tags.get("sft_digest") == sft.artifact.digest:
+                sft_eval = stage("evaluate", cfg, {"policy": sft, "data": data, "reward_model": reward_model}, run,
+                                 label="[sft]")
         try:
             candidate = evaluate_version(cfg, run, version, "candidate", data=data, reward_model=reward_model,
                                          policy=policy)
-            decision = _gate(cfg, run, version, candidate, champions, data, reward_model)
+            decision = _gate(cfg, run, version, candidate, champions, data, reward_model, sft_eval)
         except (pr.CandidateInvalid, pr.ChampionUnavailable) as err:  # rejected before the gate: nothing moves
             error, champion = err, pr.champion_version(client, name)
             decision = pr.Decision(False, str(err), version, _score(candidate, metric), champion,
                                    _score(champions.get(champion), metric))
             pr.record_decision(client, name, decision, data.artifact.digest, {"promotion_run_id": run.parent_run_id})
-        evals = {"candidate": candidate, "champion": champions.get(decision.champion_version)}
+        evals = {"candidate": candidate, "champion": champions.get(decision.champion_version), "sft": sft_eval}
         summary = report.summary(client, cfg, run, decision, data.artifact.digest, evals, str(error) if error else None)
         create_markdown_artifact(markdown=report.markdown(client, cfg, summary, evals),
                                  key=re.sub(r"[^a-z0-9]+", "-", f"promotion-{name}".lower()).strip("-")[:100],
@@ -114,10 +122,11 @@ def _promote(cfg: PipelineConfig, run: mlf.Tracking, version: str, policy: Stage
 
 
 def promote_policy(cfg: PipelineConfig, tracking: mlf.Tracking, version: str, *, policy: StageResult,
-                   data: StageResult, reward_model: StageResult) -> dict:
-    """The nightly flow's last step: gate the policy it registered as `version`, under its pipeline run."""
+                   data: StageResult, reward_model: StageResult, sft_eval: StageResult | None = None) -> dict:
+    """The nightly flow's last step: gate the policy it registered as `version`, under its pipeline run
+    (`sft_eval`: its SFT model's evaluation on the same held-out set, which a first champion must beat)."""
     run = pr.start_promotion_run(cfg, f"promote[v{version}]", parent_run_id=tracking.parent_run_id)
-    return _promote(cfg, run, str(version), policy, data, reward_model)
+    return _promote(cfg, run, str(version), policy, data, reward_model, sft_eval)
 
 
 @flow(name="promote")

@@ -48,7 +48,7 @@ def markdown(tracking: mlf.Tracking, summary: dict, rows: list[dict]) -> str:
               f"| SFT | {s['sft_accuracy']:.4f} | {s['sft_mean_reward']:.4f} |",
               f"| policy | {s['policy_accuracy']:.4f} | {s['policy_mean_reward']:.4f} |",
               "", f"## Promotion of `{s['registered_model']}` v{s['model_version']}: **{s['promotion'].upper()}**",
-              "", s["promotion_reason"], "", f"Champion now: v{s['champion_version']}.",
+              "", s["promotion_reason"], "", "Champion now: " + (f"v{s['champion_version']}." if s["champion_version"] else "none."),
               "", f"MLflow: `{tracking.uri}`, pipeline run {run(tracking.parent_run_id)}."]
     return "\n".join(lines)
 

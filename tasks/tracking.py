@@ -68,19 +68,23 @@ def experiment_id(c, name: str) -> str:
     """The experiment's id, created if needed; a run that started at the same moment may create it first."""
     from mlflow.exceptions import MlflowException
 
-    # A SQLite store keeps its artifacts (plots, models) beside its file, not in the current directory.
-    location = None
-    if c.tracking_uri.startswith("sqlite:///"):
-        location = (Path(c.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
     for _ in range(2):
         if (exp := c.get_experiment_by_name(name)) is not None:
             return exp.experiment_id
         try:
-            return c.create_experiment(name, artifact_location=location)
+            return c.create_experiment(name, artifact_location=_artifact_location(c))
         except MlflowException as err:
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
                 raise
     raise RuntimeError(f"MLflow experiment {name!r} could not be read or created")
+
+
+def _artifact_location(c) -> str | None:
+    """A SQLite store's artifacts beside its file (MLflow's default is ./mlruns in the working directory)."""
+    uri = c.tracking_uri
+    if not uri.startswith("sqlite:///"):
+        return None  # a server's own artifact root
+    return Path(uri[len("sqlite:///"):]).resolve().parent.joinpath("mlartifacts").as_uri()
 
 
 def get_or_create_run(cfg: PipelineConfig, run_name: str, tags: dict[str, str], resume_by: tuple[str, ...] = (),
@@ -153,23 +157,44 @@ def end_run(tracking: Tracking, run_id: str, status: str) -> None:
     client(tracking.uri).set_terminated(run_id, status=status)
 
 
+CHECKPOINT_URI_TAG = "checkpoint_uri"  # a version's checkpoint in the store: promotion and gc read it
+
+
 def register_policy(cfg: PipelineConfig, tracking: Tracking, policy: store.Artifact, lineage: dict[str, str]):
-    """Register the policy checkpoint by its URI in the store (no copy); idempotent per URI."""
-    c = client(tracking.uri)
-    name = cfg.tracking.registered_model
+    """Register the policy as an MLflow model (stages/common/serving.py: its checkpoint and manifest copied
+    into MLflow's artifact store, so `models:/` loads and serves on its own), tagged with its store URI and
+    lineage; idempotent per checkpoint URI."""
+    import tempfile
+
     from mlflow.exceptions import MlflowException
 
+    from stages.common import serving
+
+    c = client(tracking.uri)
+    name = cfg.tracking.registered_model
     try:
         c.create_registered_model(name, tags={"alignflow.pipeline": cfg.pipeline})
     except MlflowException as err:
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
-    source = store.join(policy.uri, "checkpoint")
+    checkpoint = store.join(policy.uri, "checkpoint")
     for mv in c.search_model_versions(f"name = '{name}'"):
-        if mv.source == source:
+        if (mv.tags or {}).get(CHECKPOINT_URI_TAG) == checkpoint:
             return name, str(mv.version)
-    tags = {**artifact_lineage(policy, cfg.storage_options()), **lineage}
-    mv = c.create_model_version(name, source=source, run_id=tracking.parent_run_id, tags=tags)
+    tags = {**artifact_lineage(policy, cfg.storage_options()), **lineage, CHECKPOINT_URI_TAG: checkpoint}
+    model = c.create_logged_model(tracking.experiment_id, name="policy", source_run_id=tracking.parent_run_id,
+                                  tags={CHECKPOINT_URI_TAG: checkpoint})
+    try:
+        with tempfile.TemporaryDirectory(prefix="alignflow-register-") as tmp:
+            model_dir = serving.save_model(policy, f"{tmp}/model", cfg.storage_options())
+            c.log_model_artifacts(model.model_id, str(model_dir))
+    except BaseException:
+        c.finalize_logged_model(model.model_id, "FAILED")  # no version points at it; a rerun logs another
+        raise
+    c.finalize_logged_model(model.model_id, "READY")
+    # The artifact location, not `models:/<id>`: a SQLite registry resolves that through the global tracking URI.
+    mv = c.create_model_version(name, source=model.artifact_location, run_id=tracking.parent_run_id, tags=tags,
+                                model_id=model.model_id)
     return name, str(mv.version)
 
 

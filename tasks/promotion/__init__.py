@@ -4,6 +4,6 @@ from tasks import tracking as mlf  # noqa: F401
 
 from .lock import LOCK_SUFFIX, LockLost, LockTimeout, RegistryLock  # noqa: F401
 from .registry import (CHAMPION, CHECKPOINT, champion_checkpoint, champion_version, checkpoint_artifact,  # noqa: F401
-                       latest_version, promote_version, record_decision, start_promotion_run)
+                       checkpoint_uri, latest_version, promote_version, record_decision, start_promotion_run)
 from .rule import (NONE, CandidateInvalid, ChampionChanged, ChampionUnavailable, Decision,  # noqa: F401
                    PromotionError, decide)

@@ -39,9 +39,11 @@ def record_decision(client, name: str, decision: Decision, eval_data_digest: str
 def promote_version(client, name: str, version: str, candidate_score: float | None,
                     champion_scores: dict[str, float], *, margin: float, min_score: float,
                     metric: str = "accuracy", eval_data_digest: str = "", extra_tags: dict[str, str] | None = None,
-                    lock_timeout_s: float = 600.0, stale_lock_s: float = 120.0, poll_s: float = 0.25) -> Decision:
-    """Under the lock: re-read the champion, decide, move the alias if accepted, tag the candidate. A
-    champion without a score in `champion_scores` raises ChampionChanged, changing nothing."""
+                    sft_score: float | None = None, lock_timeout_s: float = 600.0, stale_lock_s: float = 120.0,
+                    poll_s: float = 0.25) -> Decision:
+    """Under the lock: re-read the champion, decide (`sft_score`: the candidate's SFT model, which a first
+    champion must beat), move the alias if accepted, tag the candidate. A champion without a score in
+    `champion_scores` raises ChampionChanged, changing nothing."""
     version = str(version)
     with RegistryLock(client, name, timeout_s=lock_timeout_s, stale_after_s=stale_lock_s, poll_s=poll_s,
                       purpose=f"promote v{version}") as lock:
@@ -50,7 +52,7 @@ def promote_version(client, name: str, version: str, candidate_score: float | No
             raise ChampionChanged(champ)
         decision = decide(candidate_score, None if champ is None else champion_scores.get(champ),
                           margin=margin, min_score=min_score, candidate_version=version, champion_version=champ,
-                          metric=metric)
+                          metric=metric, sft_score=sft_score)
         if champ == version:  # a rerun of an earlier promotion: keep its record
             return decision
         if decision.accepted:
@@ -64,8 +66,14 @@ def promote_version(client, name: str, version: str, candidate_score: float | No
     return decision
 
 
+def checkpoint_uri(mv) -> str:
+    """Where a version's checkpoint is in the store: its tag (versions the pipeline registered as MLflow
+    models), else its source (a version registered by the checkpoint's URI)."""
+    return (mv.tags or {}).get(mlf.CHECKPOINT_URI_TAG) or mv.source
+
+
 def checkpoint_artifact(source: str, storage_options: dict | None = None, digest: str | None = None) -> store.Artifact:
-    """The pipeline artifact whose `checkpoint/` a model version's source is (and whose manifest digest
+    """The pipeline artifact whose `checkpoint/` is at `source` (a version's checkpoint_uri; whose manifest digest
     is `digest`, if given); store.ArtifactError naming the file if a file is missing or of the wrong size."""
     src = source.rstrip("/")
     if posixpath.basename(src) != CHECKPOINT:
@@ -84,10 +92,11 @@ def champion_checkpoint(tracking_uri: str, name: str, dst: str | os.PathLike,
     """`models:/<name>@champion` as a `from_pretrained` directory in `dst`: hash-checked from the store
     (s3:// endpoint: $MLFLOW_S3_ENDPOINT_URL, unless `storage_options`), else MLflow's download."""
     mv = mlf.client(tracking_uri).get_model_version_by_alias(name, alias)
+    source = checkpoint_uri(mv)
     if storage_options is None:
-        storage_options = store.storage_options(mv.source, os.environ.get("MLFLOW_S3_ENDPOINT_URL"))
+        storage_options = store.storage_options(source, os.environ.get("MLFLOW_S3_ENDPOINT_URL"))
     try:
-        art = checkpoint_artifact(mv.source, storage_options)
+        art = checkpoint_artifact(source, storage_options)
     except store.ArtifactError:  # no manifest beside it: not one of ours
         import mlflow.artifacts
         # The resolved source, not `models:/...`: that would resolve through the default registry URI.

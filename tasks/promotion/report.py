@@ -1,12 +1,12 @@
 """What a promotion reports: the flow's summary (the promotion run's tags too), a markdown comparison.
-`evals` maps "candidate" and "champion" to their evaluate StageResult, or None."""
+`evals` maps "candidate", "champion" and "sft" (the candidate's SFT model) to their evaluate StageResult, or None."""
 
 from __future__ import annotations
 
 from tasks import tracking as mlf
 from tasks.config import PipelineConfig
 
-from .registry import champion_version
+from .registry import champion_version, checkpoint_uri
 from .rule import NONE, Decision
 
 
@@ -23,6 +23,7 @@ def summary(client, cfg: PipelineConfig, run: mlf.Tracking, decision: Decision, 
         "candidate_score": decision.candidate_score,
         "champion_version": decision.champion_version,
         "champion_score": decision.champion_score,
+        "sft_score": None if evals.get("sft") is None else evals["sft"].metrics[cfg.promote.metric],
         "champion_after": champion_version(client, name),
         "alias_moved": decision.changed,
         "eval_data_digest": eval_data_digest,
@@ -31,7 +32,7 @@ def summary(client, cfg: PipelineConfig, run: mlf.Tracking, decision: Decision, 
         "mlflow_experiment_id": run.experiment_id,
         "mlflow_run_id": run.parent_run_id,
         **{f"{role}_eval_run_id": None if ev is None else mlf.find_stage_run(run, ev.artifact.manifest["key"])
-           for role, ev in evals.items()},
+           for role, ev in evals.items() if role != "sft"},  # the SFT evaluation ran under the pipeline run
         "error": error,
     }
     keys = ("decision", "reason", "registered_model", "candidate_version", "champion_after", "eval_data_digest")
@@ -61,12 +62,14 @@ def markdown(client, cfg: PipelineConfig, s: dict, evals: dict) -> str:
         v, score, ev = s[f"{role}_version"], s[f"{role}_score"], evals.get(role)
         cells = [label, version(v), "-" if score is None else f"{score:.4f}",
                  "-" if ev is None else "evaluated now" if ev.launched else "reused from the store",
-                 run(s[f"{role}_eval_run_id"]), "-" if v is None else f"`{client.get_model_version(name, v).source}`"]
+                 run(s[f"{role}_eval_run_id"]),
+                 "-" if v is None else f"`{checkpoint_uri(client.get_model_version(name, v))}`"]
         lines.append(f"| {' | '.join(cells)} |")
     p = cfg.promote
     return "\n".join(lines + [
         "", f"- rule: candidate > champion + margin ({p.margin}) and candidate >= min_score ({p.min_score}); "
-            "the first version needs min_score only",
+            "the first champion must beat its SFT model by the margin instead",
+        f"- SFT model: {'-' if s['sft_score'] is None else format(s['sft_score'], '.4f')}",
         f"- held-out set: {s['eval_prompts'] or '?'} prompts, greedy decoding, eval data digest "
         f"`{s['eval_data_digest'] or '?'}`",
         f"- champion after: {version(s['champion_after'])}",

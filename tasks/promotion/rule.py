@@ -59,8 +59,10 @@ def _finite(x) -> bool:
 
 
 def decide(candidate_score: float | None, champion_score: float | None, *, margin: float, min_score: float,
-           candidate_version: str, champion_version: str | None, metric: str = "accuracy") -> Decision:
-    """Accept iff candidate > champion + margin and candidate >= min_score (no champion: min_score only)."""
+           candidate_version: str, champion_version: str | None, metric: str = "accuracy",
+           sft_score: float | None = None) -> Decision:
+    """Accept iff candidate > champion + margin and candidate >= min_score. No champion yet: candidate >=
+    min_score and, given the score of the SFT model it was trained from, candidate > SFT + margin."""
     cv, chv = str(candidate_version), None if champion_version is None else str(champion_version)
     d = dict(candidate_version=cv, candidate_score=candidate_score, champion_version=chv,
              champion_score=champion_score)
@@ -71,6 +73,15 @@ def decide(candidate_score: float | None, champion_score: float | None, *, margi
     if candidate_score < min_score:
         return Decision(False, f"candidate v{cv} {metric} {candidate_score:.4f} is below min_score {min_score:.4f}",
                         **d)
+    if chv is None and sft_score is not None:  # the first champion must be better than where it started
+        if not _finite(sft_score):
+            raise ValueError(f"the SFT model of v{cv} has no valid {metric} ({sft_score!r})")
+        if candidate_score <= sft_score + margin:
+            return Decision(False, f"candidate v{cv} {metric} {candidate_score:.4f} does not beat its SFT model "
+                                   f"{sft_score:.4f} (needs > {sft_score + margin:.4f}: margin {margin:.4f}); "
+                                   "there is no champion yet", **d)
+        return Decision(True, f"first champion: v{cv} {metric} {candidate_score:.4f} > its SFT model "
+                              f"{sft_score:.4f} + margin {margin:.4f}, >= min_score {min_score:.4f}", **d)
     if chv is None:
         return Decision(True, f"first champion: v{cv} {metric} {candidate_score:.4f} >= min_score "
                               f"{min_score:.4f} and there is no champion yet", **d)
