@@ -57,8 +57,9 @@ def write_config(root: Path, name: str, **overrides) -> Path:
     return path
 
 
-def job_scripts(root: Path, job_name_part: str) -> list[Path]:
-    return sorted((root / "jobs").glob(f"*{job_name_part}*.sbatch")) if (root / "jobs").exists() else []
+def job_scripts(root: Path, job_name_part: str = "") -> list[Path]:
+    """The job scripts submitted so far (one per sbatch) whose job name contains `job_name_part`."""
+    return sorted(p for p in (root / "jobs").glob("*.sbatch") if job_name_part in p.name)
 
 
 def squeue(name_part: str = "") -> list[tuple[str, str, str]]:
@@ -135,7 +136,7 @@ def pipeline_runs(root, prefect_harness):
     config = write_config(root, "pipeline", **{"launch.slurm_per_stage": {"sft": SFT_TWO_NODES}})
     with RankSampler() as ranks:
         first = alignment(config_path=str(config), rounds=1)
-    scripts_after_first = job_scripts(root, "")
+    scripts_after_first = job_scripts(root)
     second = alignment(config_path=str(config), rounds=1)
     return {"config": config, "first": first, "second": second, "ranks": ranks.seen,
             "scripts_after_first": scripts_after_first}
@@ -163,7 +164,7 @@ def test_pipeline_end_to_end_and_rerun_launches_no_job(pipeline_runs, root):
     assert first["stages_launched"] == len(pipeline_runs["scripts_after_first"]) == 8  # one Slurm job per stage
     assert 0 <= first["policy_accuracy"] <= 1 and first["model_version"]
     assert second["stages_launched"] == 0 and second["stages_skipped"] == 8
-    assert job_scripts(root, "") == pipeline_runs["scripts_after_first"]  # nothing submitted the second time
+    assert job_scripts(root) == pipeline_runs["scripts_after_first"]  # nothing submitted the second time
     assert squeue() == []
 
 
@@ -248,7 +249,7 @@ def test_cancelled_flow_run_cancels_its_job(root, prefect_harness, tmp_path):
     assert not [p for p in slurm_processes() if p["SLURM_JOB_ID"] == job_id]
 
 
-def test_second_run_waits_for_the_running_job_no_second_writer(root, prefect_harness, tmp_path):
+def test_second_run_waits_for_the_running_job_no_second_writer(root, prefect_harness, tmp_path, caplog):
     config = write_config(root, "twice", **{"sft.steps": 150})
     pipeline = load_config(config).pipeline
     first = start_flow_process(config, tmp_path / "first.log")
@@ -272,6 +273,8 @@ def test_second_run_waits_for_the_running_job_no_second_writer(root, prefect_har
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     assert max(most_at_once) == 1  # never two jobs for the output
+    assert "(the same key) is still running: waiting for it" in caplog.text
+    assert "completed the output: nothing submitted" in caplog.text
     key = second["sft"].artifact.manifest["key"]
     assert len(job_scripts(root, f"{pipeline}-sft-{key}")) == 1  # the second run submitted nothing
     assert find_valid_output(second["sft"].uri, {}) is not None
