@@ -93,7 +93,8 @@ class LaunchConfig(Strict):
         return self
 
     def slurm_for(self, stage: str) -> SlurmConfig:
-        return SlurmConfig.model_validate({**self.slurm.model_dump(), **self.slurm_per_stage.get(stage, {})})
+        overrides = {str(name): keys for name, keys in self.slurm_per_stage.items()}.get(stage, {})
+        return SlurmConfig.model_validate({**self.slurm.model_dump(), **overrides})
 
 
 class PromoteConfig(Strict):

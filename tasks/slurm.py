@@ -27,6 +27,7 @@ import collections
 import contextlib
 import math
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -168,6 +169,9 @@ def run_slurm_job(program: list[str], *, job_name: str, shape: SlurmConfig, npro
     Raises StageJobError / StageBadInput / StageTimeout as run_job does. `output_ready` tells
     whether the output is complete: checked after waiting for a same-name job, to not redo it.
     """
+    if shutil.which("sbatch") is None:  # the worker is not on a machine of the cluster: retrying cannot help
+        raise StageBadInput("launch.backend is slurm, but sbatch is not on this worker's PATH: run the worker "
+                            "where sbatch works (a login node)", None, [])
     _wait_for_same_name(job_name, log_line, time.monotonic() + timeout_s)
     if output_ready is not None and output_ready():
         log_line(f"slurm: the job named {job_name} completed the output: nothing submitted")
