@@ -24,7 +24,7 @@ from prefect import flow
 from stages.common import store
 from tasks import tracking as mlf
 from tasks.config import SlurmConfig, load_config
-from tasks.launch import StageBadInput, StageTimeout, job_env
+from tasks.launch import StageBadInput, StageJobError, StageTimeout, job_env
 from tasks.slurm import job_info, run_slurm_job
 from tasks.stage import configured, find_valid_output
 from tests.conftest import ROOT, small_config
@@ -190,6 +190,27 @@ def test_timeout_cancels_the_job_and_nothing_is_left(tmp_path):
     assert squeue(name) == []
     assert not [p for p in slurm_processes() if p["SLURM_JOB_ID"] == job_id], "a process of the job outlived it"
     assert "torchrun on node n2" in "".join(err.value.tail)  # the job's output was followed until the end
+
+
+def test_node_marked_down_fails_the_job_as_retryable(tmp_path):
+    """Slurm itself declares n2 lost (NODE_FAIL): a StageJobError, which the task retries."""
+    program = tmp_path / "hang.py"
+    program.write_text(HANG)
+    lines: list[str] = []
+
+    def lose_n2_once_running():
+        wait_until(lambda: sum(line.endswith(" up") for line in lines) == 2, "both ranks")
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=down", "reason=test-lost-node"], check=True)
+
+    threading.Thread(target=lose_n2_once_running, daemon=True).start()
+    with pytest.raises(StageJobError, match="ended NODE_FAIL") as err:
+        run_slurm_job([str(program)], job_name=f"lost-{tmp_path.name}", shape=SlurmConfig(nodes=2, job_dir=str(tmp_path)),
+                      nproc=1, python=sys.executable, timeout_s=120, log_line=lines.append, env=job_env(1))
+    assert not isinstance(err.value, StageBadInput)
+    assert squeue(f"lost-{tmp_path.name}") == []
+    # the node comes back by itself (ReturnToService=2: its slurmd is alive and registers again)
+    wait_until(lambda: "n2" in subprocess.run(["sinfo", "-h", "-N", "-t", "idle", "-o", "%N"], capture_output=True,
+                                              text=True).stdout, "n2 idle again", timeout=60)
 
 
 def test_bad_input_is_not_retried(root, prefect_harness):
