@@ -153,11 +153,14 @@ class _OutputFollower:
 
 
 def _wait_for_same_name(job_name: str, log_line: Callable[[str], None], deadline: float) -> None:
+    logged: list[str] = []
     while ids := running_jobs_named(job_name):
         if time.monotonic() > deadline:
             raise StageTimeout(f"Slurm job(s) {', '.join(ids)} named {job_name} still running after the timeout; "
                                "not submitting a second writer of the same output", None, [])
-        log_line(f"slurm: job {', '.join(ids)} named {job_name} (the same key) is still running: waiting for it")
+        if ids != logged:
+            log_line(f"slurm: job {', '.join(ids)} named {job_name} (the same key) is still running: waiting for it")
+            logged = ids
         time.sleep(5 * POLL_S)
 
 
@@ -184,7 +187,7 @@ def run_slurm_job(program: list[str], *, job_name: str, shape: SlurmConfig, npro
                                     output=str(job_dir / f"{stem}-%j.out"), timeout_s=timeout_s))
     # The job inherits this environment (sbatch's --export=ALL); a worker that itself runs inside
     # an allocation must not hand that allocation's SLURM_* variables to the new job.
-    sbatch_env = {k: v for k, v in env.items() if not k.startswith(("SLURM_", "SBATCH_")) or k == "SLURM_CONF"}
+    sbatch_env = {k: v for k, v in env.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
     submitted = slurm_command(["sbatch", "--parsable", str(script)], env=sbatch_env, cwd=PROJECT_ROOT)
     if submitted.returncode != 0:
         raise StageJobError(f"sbatch {script} failed: {submitted.stderr.strip()}", submitted.returncode,
