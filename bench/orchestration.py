@@ -3,6 +3,8 @@
     .venv/bin/python bench/orchestration.py                 # configs/tiny.yaml, 2 RL rounds (~5 min)
     .venv/bin/python bench/orchestration.py --rounds 8      # the full nightly config (~10+ min)
     .venv/bin/python bench/orchestration.py --small         # smoke test: the tests' small config, 1 round
+    .venv/bin/python bench/orchestration.py --skip-pipeline --slurm   # per-job overhead, local against Slurm
+        (a cluster: `scripts/slurm_cluster.sh up; eval "$(scripts/slurm_cluster.sh env)"`, or a real one)
 
 1. `python -m flows.cli run CONFIG --rounds R` (= `alignflow run`) in a fresh storage root and
    MLflow DB in a temp dir; wall time of the whole command (Prefect's embedded server start
@@ -16,6 +18,9 @@
    moment the parent starts the process: torchrun + interpreter start, `import torch`, gloo
    init, the store's imports (pyarrow, fsspec), `import transformers` + build the tiny Llama,
    `import deepspeed`, `deepspeed.initialize`, and process exit (torchrun teardown).
+4. With --slurm, the same probe as a Slurm job (tasks.slurm.run_slurm_job: sbatch, srun, torchrun
+   with c10d rendezvous, 1 node x the same ranks), interleaved with the local runs; the first
+   phase then also holds sbatch, scheduling and srun, the last the poll that sees the job end.
 
 Prints markdown tables and writes JSON to bench/results/orchestration-<time>.json.
 """
@@ -72,27 +77,41 @@ def probe() -> None:
     os._exit(0)  # as runtime.main does
 
 
-def job_overhead(nproc: int, threads: int, repeats: int) -> list[dict]:
+def probe_once(backend: str, nproc: int, threads: int) -> dict:
+    """One probe job through the stage launcher of `backend`; its phases in seconds."""
+    from tasks.config import SlurmConfig
     from tasks.launch import job_env, run_job
+    from tasks.slurm import run_slurm_job
 
-    runs = []
+    (C.REPO / ".alignflow").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=C.REPO / ".alignflow") as tmp:  # the job's nodes must see it
+        out = Path(tmp) / "probe.json"
+        program = [str(Path(__file__).resolve()), "--_probe"]
+        t0 = time.time()
+        env = job_env(nproc, {"BENCH_T0": str(t0), "BENCH_PROBE_OUT": str(out), "OMP_NUM_THREADS": str(threads)})
+        if backend == "slurm":
+            run_slurm_job(program, job_name=f"bench-probe-{Path(tmp).name}", shape=SlurmConfig(job_dir=tmp),
+                          nproc=nproc, python=sys.executable, timeout_s=600, log_line=lambda line: None, env=env)
+        else:
+            run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                     "--max-restarts=0", *program], timeout_s=600, log_line=lambda line: None, env=env)
+        t_end = time.time()
+        data = json.loads(out.read_text())
+    phases, prev = {}, t0
+    for name, t in data["marks"]:
+        phases[name] = t - prev
+        prev = t
+    phases["exit (teardown, torchrun)"] = t_end - prev
+    phases["total"] = t_end - t0
+    return phases
+
+
+def job_overhead(nproc: int, threads: int, repeats: int, backends: list[str]) -> dict[str, list[dict]]:
+    """`repeats` probe runs per backend, interleaved so that both see the same machine load."""
+    runs: dict[str, list[dict]] = {b: [] for b in backends}
     for _ in range(repeats):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "probe.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "--max-restarts=0", str(Path(__file__).resolve()), "--_probe"]
-            t0 = time.time()
-            env = job_env(nproc, {"BENCH_T0": str(t0), "BENCH_PROBE_OUT": str(out), "OMP_NUM_THREADS": str(threads)})
-            run_job(cmd, timeout_s=600, log_line=lambda line: None, env=env)
-            t_end = time.time()
-            data = json.loads(out.read_text())
-        phases, prev = {}, t0
-        for name, t in data["marks"]:
-            phases[name] = t - prev
-            prev = t
-        phases["exit (teardown, torchrun)"] = t_end - prev
-        phases["total"] = t_end - t0
-        runs.append(phases)
+        for backend in backends:
+            runs[backend].append(probe_once(backend, nproc, threads))
     return runs
 
 
@@ -155,6 +174,8 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="the tests' small config, 1 round")
     parser.add_argument("--probe-repeats", type=int, default=3)
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--slurm", action="store_true", help="also run the probe as a Slurm job (needs SLURM_CONF "
+                        "or a cluster's sbatch)")
     parser.add_argument("--_probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._probe:
@@ -213,10 +234,23 @@ def main() -> None:
                        "seconds": again["command_wall_s"] / first["command_wall_s"]})
         result.update(fresh=first, cached=again, stages=stages, totals=totals)
 
-    runs = job_overhead(nproc, threads, args.probe_repeats)
-    phases = [{"phase": k, "median_s": statistics.median(r[k] for r in runs),
-               "min_s": min(r[k] for r in runs), "max_s": max(r[k] for r in runs)} for k in runs[0]]
-    result["probe"] = {"nproc": nproc, "threads": threads, "runs": runs, "phases": phases}
+    backends = ["local", "slurm"] if args.slurm else ["local"]
+    by_backend = job_overhead(nproc, threads, args.probe_repeats, backends)
+    result["probe"] = {}
+    for backend, runs in by_backend.items():
+        phases = [{"phase": k, "median_s": statistics.median(r[k] for r in runs),
+                   "min_s": min(r[k] for r in runs), "max_s": max(r[k] for r in runs)} for k in runs[0]]
+        result["probe"][backend] = {"nproc": nproc, "threads": threads, "runs": runs, "phases": phases}
+    if args.slurm:
+        local, slurm = (statistics.median(r["total"] for r in by_backend[b]) for b in ("local", "slurm"))
+        result["slurm_vs_local"] = [
+            {"what": "local job (torchrun --standalone), median total", "seconds": local},
+            {"what": "Slurm job (sbatch, srun, torchrun c10d), median total", "seconds": slurm},
+            {"what": "Slurm's overhead per job (difference)", "seconds": slurm - local},
+            {"what": "  of which before the probe's first line (sbatch, scheduling, srun, rendezvous)",
+             "seconds": statistics.median(r["started (torchrun + interpreter)"] for r in by_backend["slurm"])
+             - statistics.median(r["started (torchrun + interpreter)"] for r in by_backend["local"])},
+        ]
 
     print()
     if "totals" in result:
@@ -225,9 +259,14 @@ def main() -> None:
         print("\n## Per stage (fresh run)\n")
         print(C.markdown_table(result["stages"]))
         print()
-    print(f"## Per-job overhead, probe job (torchrun --nproc_per_node {nproc}, {threads} thread(s) each, "
-          f"{args.probe_repeats} runs)\n")
-    print(C.markdown_table(phases))
+    for backend, probe_result in result["probe"].items():
+        print(f"## Per-job overhead, probe job on {backend} (torchrun --nproc_per_node {nproc}, {threads} thread(s) "
+              f"each, {args.probe_repeats} runs)\n")
+        print(C.markdown_table(probe_result["phases"]))
+        print()
+    if args.slurm:
+        print("## Slurm against local, per job (same probe, runs interleaved)\n")
+        print(C.markdown_table(result["slurm_vs_local"]))
     path = C.write_results("orchestration", result)
     print(f"\nresults: {path}")
 

@@ -12,10 +12,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from stages.common import store
 from stages.common.sections import (DataConfig, DPOConfig, EngineConfig, EvaluateConfig, GenerateConfig,
@@ -40,8 +40,34 @@ class TrackingConfig(Strict):
     registered_model: str = "alignflow-policy"
 
 
+StageName = Literal["data_prep", "sft", "reward_model", "generate", "score", "update", "evaluate"]
+
+
+class SlurmConfig(Strict):
+    """The shape of one Slurm job (launch.backend: slurm): `#SBATCH` options and setup lines."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)  # --gpus-per-node; 0: no GPU requested
+    # torchrun processes per node; None: gpus_per_node if set, else launch.nproc_per_node
+    nproc_per_node: int | None = Field(None, ge=1)
+    cpus_per_task: int | None = Field(None, ge=1)  # one task per node: the node's CPUs for all its ranks
+    mem: str | None = None  # --mem, per node ("64G")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_limit: str | None = None  # --time ("2:00:00"); None: launch.timeout_s rounded up, so an orphan ends too
+    sbatch_options: list[str] = []  # more `#SBATCH` options, as written after it ("--exclusive")
+    setup: list[str] = []  # shell lines run before srun (module load, source an environment)
+    # c10d rendezvous port on the allocation's first node; None: 20000 + job id % 20000, so two
+    # jobs sharing a node do not collide
+    rdzv_port: int | None = Field(None, ge=1024, le=65535)
+    # Job scripts and output files; must be visible from the worker and the nodes (a shared
+    # filesystem). None: .alignflow/slurm-jobs under the project.
+    job_dir: str | None = None
+
+
 class LaunchConfig(Strict):
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "slurm"] = "local"
     nproc_per_node: int = Field(2, ge=1)
     timeout_s: float = Field(3600, gt=0)
     retries: int = Field(2, ge=0)
@@ -50,6 +76,25 @@ class LaunchConfig(Strict):
     # (production images for generation and training often differ).
     python: str | None = None
     stage_python: dict[str, str] = {}
+    slurm: SlurmConfig = SlurmConfig()
+    # Per stage: the keys given replace launch.slurm's (generation and training want other shapes).
+    slurm_per_stage: dict[StageName, dict[str, Any]] = {}
+
+    @model_validator(mode="after")
+    def _per_stage_shapes_are_valid(self) -> "LaunchConfig":
+        for stage in self.slurm_per_stage:
+            try:
+                self.slurm_for(stage)
+            except ValidationError as err:
+                e = err.errors()[0]
+                key = ".".join(str(p) for p in e["loc"])
+                msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+                raise ValueError(f"launch.slurm_per_stage.{stage}.{key}: {msg}") from None
+        return self
+
+    def slurm_for(self, stage: str) -> SlurmConfig:
+        overrides = {str(name): keys for name, keys in self.slurm_per_stage.items()}.get(stage, {})
+        return SlurmConfig.model_validate({**self.slurm.model_dump(), **overrides})
 
 
 class PromoteConfig(Strict):

@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from stages.common import store
+from tasks import slurm
 from tasks import tracking as mlf
 from tasks.config import PipelineConfig
 from tasks.launch import StageBadInput, job_env, run_job, torchrun_command
@@ -87,7 +88,11 @@ def run_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, StageResult], t
     try:
         env = job_env(cfg.launch.nproc_per_node, {"ALIGNFLOW_STORAGE_OPTIONS": json.dumps(opts)},  # endpoint, never keys
                       python=python)
-        run_job(cmd, timeout_s=cfg.launch.timeout_s, log_line=logger.info, env=env)
+        if cfg.launch.backend == "slurm":
+            slurm.run_stage_job(stage, spec_uri, cfg, key=key, log_line=logger.info, env=env,
+                                output_ready=lambda: find_valid_output(output, opts) is not None)
+        else:
+            run_job(cmd, timeout_s=cfg.launch.timeout_s, log_line=logger.info, env=env)
         artifact = store.read_artifact(output, opts)
     except BaseException:
         mlf.end_run(tracking, run_id, "FAILED")

@@ -3,11 +3,13 @@
 - `s3_server`: moto's S3-compatible server as a subprocess on 127.0.0.1, with a bucket.
 - `prefect_harness`: Prefect's real engine against a temporary embedded API/DB.
 - `tiny_config`: a builder for a small pipeline config (seconds per stage on 2 cores).
+- `slurm_cluster`: a real 2-node Slurm cluster on loopback (scripts/slurm_cluster.sh).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -78,6 +80,26 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """slurmctld and two slurmd (nodes n1, n2) on loopback, SLURM_CONF set in this process.
+
+    Skipped where Slurm is not installed, unless ALIGNFLOW_REQUIRE_SLURM=1 (CI, `make test`):
+    then the script installs it, and a cluster that does not come up fails the tests."""
+    if shutil.which("slurmctld") is None and os.environ.get("ALIGNFLOW_REQUIRE_SLURM") != "1":
+        pytest.skip("Slurm is not installed (scripts/slurm_cluster.sh install)")
+    script = str(ROOT / "scripts" / "slurm_cluster.sh")
+    env = dict(os.environ, ALIGNFLOW_SLURM_DIR=str(tmp_path_factory.mktemp("slurm")))
+    subprocess.run([script, "up"], env=env, check=True, stdout=subprocess.DEVNULL)
+    conf = subprocess.run([script, "env"], env=env, check=True, capture_output=True, text=True).stdout
+    os.environ["SLURM_CONF"] = conf.strip().split("=", 1)[1]
+    try:
+        yield os.environ["SLURM_CONF"]
+    finally:
+        subprocess.run([script, "down"], env=env, stdout=subprocess.DEVNULL)
+        os.environ.pop("SLURM_CONF", None)
 
 
 def small_config(tmp_path: Path, **overrides) -> dict:

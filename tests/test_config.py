@@ -96,3 +96,18 @@ def test_cli_rejects_bad_config_before_any_job(tmp_path):
     assert proc.returncode == 2
     assert "engine.zero_stage" in proc.stderr
     assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_slurm_shape_per_stage_merges_and_names_bad_keys(tmp_path):
+    data = small_config(tmp_path)
+    data["launch"].update(backend="slurm", slurm={"nodes": 2, "gpus_per_node": 8, "setup": ["module load cuda"]},
+                          slurm_per_stage={"generate": {"nodes": 1}})
+    launch = parse_config(data).launch
+    assert (launch.slurm_for("generate").nodes, launch.slurm_for("generate").gpus_per_node) == (1, 8)
+    assert launch.slurm_for("sft").nodes == 2 and launch.slurm_for("sft").setup == ["module load cuda"]
+    data["launch"]["slurm_per_stage"] = {"generate": {"node": 1}}
+    with pytest.raises(ConfigError, match=r"launch.slurm_per_stage.generate.node: unknown key"):
+        parse_config(data)
+    data["launch"]["slurm_per_stage"] = {"generat": {"nodes": 1}}
+    with pytest.raises(ConfigError, match=r"launch.slurm_per_stage.generat"):
+        parse_config(data)

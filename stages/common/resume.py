@@ -1,11 +1,15 @@
 """Resume state for long training stages: a killed job loses at most `save_every` steps.
 
-    {output}/_resume/{name}/...                 full weights of each trained model `name`,
-                                                HF safetensors dir (rank 0)
-    {output}/_resume/optim-rank{r}.safetensors  the rank's AdamW state of every model (its ZeRO
-                                                partition) and the sampler's generator state
-    {output}/_resume/latest.json                written last: step, world size, schedulers,
-                                                files + hashes
+    {output}/_resume/step-{N}/{name}/...                 full weights of each trained model
+                                                         `name`, HF safetensors dir (rank 0)
+    {output}/_resume/step-{N}/optim-rank{r}.safetensors  the rank's AdamW state of every model
+                                                         (its ZeRO partition), sampler state
+    {output}/_resume/latest.json                         written last: step, folder, world size,
+                                                         schedulers, files + hashes
+
+Each save writes a folder of its own and only then points latest.json at it (the older folder is
+removed after): a job killed mid-save (a rank that outlived a lost node) leaves the last complete
+state intact, never a mix of two steps.
 
 A stage names the models it trains, e.g. {"model": Trained(engine, scheduler, save)} (sft)
 or {"model": ..., "value": ...} (PPO's update: policy and value model).
@@ -79,7 +83,11 @@ class Resumer:
         path = posixpath.join(base, "latest.json")
         if not fs.exists(path):
             return None
-        latest = json.loads(fs.cat_file(path))
+        try:
+            latest = json.loads(fs.cat_file(path))
+        except ValueError:  # cut short by a kill while it was written (a local file is not replaced atomically)
+            log(f"resume state {path} is unreadable: starting over")
+            return None
         if latest.get("world_size") != self.ctx.world_size:
             log(f"resume state at step {latest.get('step')} is for {latest.get('world_size')} ranks, "
                 f"this job has {self.ctx.world_size}: starting over")
@@ -103,16 +111,17 @@ class Resumer:
         """Saved weights of model `name` to start from (before the engine wraps it), or None."""
         if not self.latest:
             return None
+        folder = self.latest["folder"]
         for f in self.latest["files"]:
-            if f["path"].startswith(f"{name}/"):
+            if f["path"].startswith(f"{folder}/{name}/"):
                 self._fetch(f["path"])
-        return self.ctx.workdir / "resume-in" / name
+        return self.ctx.workdir / "resume-in" / folder / name
 
     def restore(self, trained: dict[str, Trained], generator: torch.Generator) -> int:
         """Load optimizer, scheduler and sampler state; returns the step to continue from."""
         if not self.latest:
             return 0
-        tensors = load_file(str(self._fetch(f"optim-rank{self.ctx.rank}.safetensors")))
+        tensors = load_file(str(self._fetch(f"{self.latest['folder']}/optim-rank{self.ctx.rank}.safetensors")))
         generator.set_state(tensors.pop(GENERATOR_KEY))
         groups = self.latest["param_groups"][self.ctx.rank]
         for name, t in trained.items():
@@ -127,6 +136,7 @@ class Resumer:
             return
         from .engine import full_parameters
 
+        folder = f"step-{step:08d}"
         files, tensors, groups = [], {GENERATOR_KEY: generator.get_state()}, {}
         for name, t in trained.items():
             model_tensors, groups[name] = _flatten_optimizer(_base_optimizer(t.engine).state_dict(), name)
@@ -134,18 +144,22 @@ class Resumer:
         local = self.ctx.workdir / "resume-out" / f"optim-rank{self.ctx.rank}.safetensors"
         local.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(local))
-        files.append(store.upload(local, self.uri, local.name, self.opts))
+        files.append(store.upload(local, self.uri, f"{folder}/{local.name}", self.opts))
         for name, t in trained.items():
             with full_parameters(t.engine) as model:
                 if self.ctx.is_main:
                     model_dir = self.ctx.workdir / "resume-out" / name
                     t.save_model(model, model_dir)
-                    files += store.upload_dir(model_dir, self.uri, name, self.opts)
+                    files += store.upload_dir(model_dir, self.uri, f"{folder}/{name}", self.opts)
         gathered = self.ctx.all_gather({"files": [f.__dict__ for f in files], "groups": groups})
         if self.ctx.is_main:
-            latest = {"step": step, "world_size": self.ctx.world_size,
+            latest = {"step": step, "folder": folder, "world_size": self.ctx.world_size,
                       "schedulers": {name: t.scheduler.state_dict() for name, t in trained.items()},
                       "param_groups": [g["groups"] for g in gathered],
                       "files": [f for g in gathered for f in g["files"]]}
             store.write_json(store.join(self.uri, "latest.json"), latest, self.opts)
+            fs, base = store.filesystem(self.uri, self.opts)
+            for older in fs.ls(base, detail=False):
+                if posixpath.basename(older).startswith("step-") and posixpath.basename(older) != folder:
+                    fs.rm(older, recursive=True)
         self.ctx.barrier()
