@@ -154,12 +154,19 @@ def this_host() -> str:
     return socket.gethostname()
 
 
+_HELD: set[str] = set()  # the lease ids this process holds now
+
+
 def holder_is_gone(record: dict) -> bool:
-    """Expired, or held by a process of this host that no longer runs (a killed flow process)."""
+    """Expired, or held by a process of this host that no longer runs (a killed flow process), or
+    by this process but no longer held (its release failed, e.g. during a store outage)."""
     if record["expires_at"] <= time.time():
         return True
     if record["owner"].get("host") != this_host():
         return False
+    me = owner()
+    if (record["owner"]["pid"], record["owner"]["pid_started"]) == (me["pid"], me["pid_started"]):
+        return record["lease_id"] not in _HELD
     try:
         return psutil.Process(record["owner"]["pid"]).create_time() != record["owner"]["pid_started"]
     except psutil.NoSuchProcess:
@@ -210,6 +217,7 @@ class Lease:
     def release(self) -> None:
         with self._lock:
             self._stop.set()
+            _HELD.discard(self.record["lease_id"])
         try:
             self._object.delete(self.token)
         except Exception as err:  # it expires by itself; never hide the job's own error
@@ -230,32 +238,41 @@ def owner(flow_run: str = "") -> dict:
 
 def acquire(output: str, storage_options: dict, holder: dict, ttl_s: float = 60.0, poll_s: float = 2.0,
             on_wait: Callable[[dict], None] = lambda record: None,
-            on_takeover: Callable[[dict], None] = lambda record: None) -> Lease:
-    """Hold the lease on `output`, waiting while another live writer holds it. `on_wait` is called once
-    with the holder's record; `on_takeover` with a gone holder's record before its lease is replaced."""
+            on_takeover: Callable[[dict], None] = lambda record: None, wait: bool = True) -> Lease | None:
+    """Hold the lease on `output`, waiting while another live writer holds it (or, without `wait`,
+    None then). `on_wait` is called once with the holder's record; `on_takeover` with a gone
+    holder's record before its lease is replaced."""
     obj = _lease_object(output, storage_options)
     record = {"lease_id": uuid.uuid4().hex, "owner": holder, "ttl_s": ttl_s}
+    _HELD.add(record["lease_id"])  # before it can land: another thread here must see it as live
     waited = False
-    while True:
-        record["expires_at"] = time.time() + ttl_s
-        if (token := obj.create(record)) is not None:
-            break
-        current = obj.read()
-        if current is None:  # released in between: create again
-            continue
-        held, held_token = current
-        if held.get("lease_id") == record["lease_id"]:  # our create landed, its answer was lost
-            token = held_token
-            break
-        if holder_is_gone(held):
-            on_takeover(held)
-            if (token := obj.replace(record, held_token)) is not None:
+    try:
+        while True:
+            record["expires_at"] = time.time() + ttl_s
+            if (token := obj.create(record)) is not None:
                 break
-            continue  # another taker won: look again
-        if not waited:
-            on_wait(held)
-            waited = True
-        time.sleep(poll_s)
+            current = obj.read()
+            if current is None:  # released in between: create again
+                continue
+            held, held_token = current
+            if held.get("lease_id") == record["lease_id"]:  # our create landed, its answer was lost
+                token = held_token
+                break
+            if holder_is_gone(held):
+                on_takeover(held)
+                if (token := obj.replace(record, held_token)) is not None:
+                    break
+                continue  # another taker won: look again
+            if not wait:
+                _HELD.discard(record["lease_id"])
+                return None
+            if not waited:
+                on_wait(held)
+                waited = True
+            time.sleep(poll_s)
+    except BaseException:
+        _HELD.discard(record["lease_id"])
+        raise
     lease = Lease(output, dict(record), token, waited, obj)
     threading.Thread(target=lease._heartbeat, name=f"lease-heartbeat {output}", daemon=True).start()
     return lease
