@@ -174,7 +174,7 @@ def _delete_under_lease(uri: str, opts: dict) -> bool:
         for path in fs.find(base):
             if not path.endswith("/" + lease.LEASE):
                 fs.rm(path)
-    if fs is store.LOCAL_FS or isinstance(fs, type(store.LOCAL_FS)):
+    if isinstance(fs, type(store.LOCAL_FS)):
         with contextlib.suppress(OSError):  # only if empty: a writer may have started since
             os.rmdir(base)
     return True

@@ -32,7 +32,7 @@ def output(request, tmp_path):
 
 
 def holder(name: str) -> dict:
-    return {**lease.owner(flow_run=name)}
+    return lease.owner(flow_run=name)
 
 
 def read_lease(out, opts) -> dict | None:
@@ -204,3 +204,6 @@ def test_two_flows_at_once_launch_each_stage_once(s3_config, prefect_harness):
     fs, _ = store.filesystem(out, opts)
     assert not fs.glob(out.removeprefix("s3://").rsplit("/data_prep/", 1)[0] + f"/*/*/{lease.LEASE}")  # all released
     assert json.loads(fs.cat_file(f"{out}/{store.MANIFEST}"))["stage"] == "data_prep"
+    records = fs.glob(out.removeprefix("s3://").rsplit("/data_prep/", 1)[0] + "/_runs/*.json")
+    assert len(records) == 2  # one run record each, for `alignflow gc`
+    assert all(out in json.loads(fs.cat_file(r))["outputs"] for r in records)
