@@ -149,7 +149,7 @@ def collect(cfg: PipelineConfig, keep_last: int, delete: bool = False, min_age_s
         elif out.modified > time.time() - min_age_s:
             plan.kept[uri] = "recent"
         elif not delete:
-            held = lease._lease_object(uri, opts).read()
+            held = lease.lease_object(uri, opts).read()
             if held and not lease.holder_is_gone(held[0]):
                 plan.skipped_leased.append(uri)
             else:

@@ -142,7 +142,8 @@ def _precondition_failed(err: OSError) -> bool:
     return isinstance(err, FileExistsError) or response.get("Error", {}).get("Code") == "PreconditionFailed"
 
 
-def _lease_object(output: str, storage_options: dict):
+def lease_object(output: str, storage_options: dict) -> _S3Object | _LocalFile:
+    """The lease of `output` in its store, with its conditional read/create/replace/delete."""
     fs, base = store.filesystem(output, storage_options)
     path = posixpath.join(base, LEASE)
     return _LocalFile(path) if store.LOCAL_FS.protocol == fs.protocol else _S3Object(fs, path)
@@ -242,7 +243,7 @@ def acquire(output: str, storage_options: dict, holder: dict, ttl_s: float = 60.
     """Hold the lease on `output`, waiting while another live writer holds it (or, without `wait`,
     None then). `on_wait` is called once with the holder's record; `on_takeover` with a gone
     holder's record before its lease is replaced."""
-    obj = _lease_object(output, storage_options)
+    obj = lease_object(output, storage_options)
     record = {"lease_id": uuid.uuid4().hex, "owner": holder, "ttl_s": ttl_s}
     _HELD.add(record["lease_id"])  # before it can land: another thread here must see it as live
     waited = False

@@ -36,7 +36,7 @@ def holder(name: str) -> dict:
 
 
 def read_lease(out, opts) -> dict | None:
-    found = lease._lease_object(out, opts).read()
+    found = lease.lease_object(out, opts).read()
     return found and found[0]
 
 
@@ -62,7 +62,7 @@ def test_expired_lease_is_taken_over_once(output):
     out, opts = output
     crashed = {"lease_id": "old", "owner": {"host": "elsewhere", "pid": 1, "pid_started": 0.0, "flow_run": "dead"},
                "ttl_s": 30, "expires_at": time.time() - 1}
-    assert lease._lease_object(out, opts).create(crashed) is not None
+    assert lease.lease_object(out, opts).create(crashed) is not None
     seen: list[dict] = []
     takers: list[lease.Lease] = []
     loser_waits = threading.Event()
@@ -90,7 +90,7 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over(output):
     proc.wait()
     dead = {"lease_id": "gone", "owner": {**lease.owner(), "pid": proc.pid, "pid_started": 0.0},
             "ttl_s": 600, "expires_at": time.time() + 600}  # not expired: its holder is gone
-    lease._lease_object(out, opts).create(dead)
+    lease.lease_object(out, opts).create(dead)
     taken = lease.acquire(out, opts, holder("new"), ttl_s=30)
     assert read_lease(out, opts)["owner"]["flow_run"] == "new"
     taken.release()
@@ -110,7 +110,7 @@ def test_heartbeat_keeps_a_live_lease(output):
 def test_a_lost_lease_is_noticed_and_not_released(output):
     out, opts = output
     held = lease.acquire(out, opts, holder("a"), ttl_s=0.6)
-    obj = lease._lease_object(out, opts)
+    obj = lease.lease_object(out, opts)
     record, token = obj.read()
     assert obj.replace({**record, "lease_id": "thief"}, token) is not None  # another writer took it
     time.sleep(0.6)
@@ -151,7 +151,7 @@ def test_stage_takes_over_a_crashed_holders_lease(s3_config, prefect_harness):
     cfg, out, opts = data_prep_output(s3_config)
     crashed = {"lease_id": "crashed", "owner": {"host": "node-7", "pid": 4242, "pid_started": 0.0, "flow_run": "x"},
                "ttl_s": 60, "expires_at": time.time() - 1}
-    lease._lease_object(out, opts).create(crashed)
+    lease.lease_object(out, opts).create(crashed)
     result = run_data_prep(cfg)
     assert result.launched and store.read_artifact(out, opts).manifest["stage"] == "data_prep"
     assert read_lease(out, opts) is None  # released after the job
