@@ -24,6 +24,7 @@ from tasks.config import load_config
 from stages.data_prep import check_local_source
 from tasks import report
 from tasks import tracking as mlf
+from tasks.gc import record_run
 from tasks.stage import StageResult, configured
 
 
@@ -137,6 +138,7 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
                     {k: v for k, v in summary.items() if k.endswith(("accuracy", "reward", "seconds"))})
     report.publish(tracking, night.stages, summary)  # a Prefect artifact and plots on the parent run
     mlf.end_run(tracking, tracking.parent_run_id, "FINISHED")
+    record_run(cfg, str(flow_run.id), history)  # what `alignflow gc` keeps for the last runs
     logger.info("policy accuracy %.4f (sft %.4f) on %d held-out prompts; %s v%s",
                 summary["policy_accuracy"], summary["sft_accuracy"], summary["eval_prompts"], model_name, version)
     return summary

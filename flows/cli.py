@@ -2,6 +2,8 @@
 
     alignflow run [CONFIG] [--rounds N] [--summary-out PATH]   the pipeline, here and now
     alignflow status [CONFIG] [--rounds N]                     what the store holds, what a run would launch
+    alignflow gc [CONFIG] --keep-last N [--delete]             remove what no recent run and no registered
+                                                               version uses (a dry run without --delete)
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     status = sub.add_parser("status", help="every stage of a config: valid, missing or invalid in the store")
     status.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
     status.add_argument("--rounds", type=int, default=None, help="override rl.rounds")
+    gc = sub.add_parser("gc", help="remove store outputs no recent run and no registered version uses (dry run)")
+    gc.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    gc.add_argument("--keep-last", type=int, required=True, help="keep what the last N runs used")
+    gc.add_argument("--delete", action="store_true", help="delete (without it: only list what would go)")
+    gc.add_argument("--min-age-hours", type=float, default=24.0,
+                    help="keep outputs written more recently (a run in progress, a failed run awaiting retry)")
     args = parser.parse_args(argv)
 
     from tasks.config import ConfigError, load_config
@@ -48,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(render(cfg, survey(cfg, args.rounds)))
         return 0
+    if args.command == "gc":
+        return _gc(args)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -59,6 +69,24 @@ def main(argv: list[str] | None = None) -> int:
         args.summary_out.parent.mkdir(parents=True, exist_ok=True)
         args.summary_out.write_text(json.dumps(summary, indent=2))
         print(f"\nsummary written to {args.summary_out}")
+    return 0
+
+
+def _gc(args) -> int:
+    from tasks.config import load_config
+    from tasks.gc import collect
+
+    if args.keep_last < 0:
+        print("alignflow gc: --keep-last must be >= 0", file=sys.stderr)
+        return 2
+    plan = collect(load_config(args.config), args.keep_last, delete=args.delete, min_age_s=args.min_age_hours * 3600)
+    verb = "deleted" if args.delete else "would delete"
+    for out in plan.deleted:
+        print(f"{verb} {out.uri} ({out.size} bytes)")
+    for uri in plan.skipped_leased:
+        print(f"skipped {uri} (its lease is held)")
+    print(f"{len(plan.kept)} kept, {len(plan.deleted)} {verb} ({plan.bytes_freed} bytes), "
+          f"{len(plan.skipped_leased)} leased" + ("" if args.delete else "; dry run, --delete to delete"))
     return 0
 
 

@@ -72,6 +72,8 @@ class LaunchConfig(Strict):
     timeout_s: float = Field(3600, gt=0)
     retries: int = Field(2, ge=0)
     retry_delay_s: float = Field(2.0, ge=0)
+    # One writer per output key: a job's lease expires this long after its last heartbeat.
+    lease_ttl_s: float = Field(60.0, gt=0)
     # Interpreter for stage jobs; None: this interpreter. `stage_python` overrides it per stage
     # (production images for generation and training often differ).
     python: str | None = None

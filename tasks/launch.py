@@ -96,11 +96,18 @@ def kill_tree(pid: int, grace_s: float = 5.0, first_signal: int = signal.SIGTERM
 
 
 def run_job(cmd: list[str], *, timeout_s: float, log_line: Callable[[str], None],
-            env: dict[str, str] | None = None, tail_lines: int = 80) -> None:
-    """Run `cmd` to completion or raise StageJobError / StageBadInput / StageTimeout."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env=env or job_env(), cwd=PROJECT_ROOT, text=True,
-                            errors="replace", bufsize=1)
+            env: dict[str, str] | None = None, tail_lines: int = 80,
+            on_start: Callable[[psutil.Process], None] = lambda proc: None) -> None:
+    """Run `cmd` to completion or raise StageJobError / StageBadInput / StageTimeout.
+
+    The job gets SIGTERM if this process dies (setpriv's parent-death signal): a SIGKILLed flow
+    process leaves no job behind that writes on to the store (torchrun stops its workers on SIGTERM).
+    """
+    proc = subprocess.Popen(["setpriv", "--pdeathsig", "TERM", "--", *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                            env=env or job_env(), cwd=PROJECT_ROOT, text=True, errors="replace", bufsize=1)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        on_start(psutil.Process(proc.pid))
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -137,3 +144,15 @@ def run_job(cmd: list[str], *, timeout_s: float, log_line: Callable[[str], None]
         return
     error = StageBadInput if bad_input or code == 2 else StageJobError
     raise error(f"job exited with code {code}: {' '.join(cmd)}", code, list(tail))
+
+
+def stop_orphan(pid: int, started: float) -> bool:
+    """Stop the job `pid` of an earlier attempt if it still runs on this host (and is that job,
+    not a process that reused its pid). True if one was stopped."""
+    try:
+        if psutil.Process(pid).create_time() != started:
+            return False
+    except psutil.NoSuchProcess:
+        return False
+    kill_tree(pid)
+    return True

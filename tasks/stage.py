@@ -2,7 +2,9 @@
 
     spec   = the stage's params, key and output place (tasks/spec.py)
     valid manifest there?  -> skip: nothing is launched (a rerun, a UI retry, a new run)
-    else                   -> write the spec, launch the job, check the manifest it wrote
+    else                   -> hold the output's lease (tasks/lease.py: one writer per key; waits while
+                              another run writes it, then reuses what it wrote), write the spec, launch
+                              the job, check the manifest it wrote
 
 Retries with exponential backoff and jitter, except for bad input (exit 2).
 """
@@ -13,14 +15,15 @@ import dataclasses
 import json
 
 from prefect import get_run_logger, task
+from prefect.context import get_run_context
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from stages.common import store
-from tasks import slurm
+from tasks import lease, slurm
 from tasks import tracking as mlf
 from tasks.config import PipelineConfig
-from tasks.launch import StageBadInput, job_env, run_job, torchrun_command
+from tasks.launch import StageBadInput, job_env, run_job, stop_orphan, torchrun_command
 from tasks.spec import stage_spec
 
 
@@ -70,6 +73,8 @@ def run_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, StageResult], t
     run_name = f"{stage}{label}"
 
     existing = find_valid_output(output, opts)
+    if existing is None:
+        writer, existing = _hold_lease(output, opts, cfg.launch.lease_ttl_s, run_name, logger)
     if existing is not None:
         logger.info("%s: skipped, %s already has a valid manifest", run_name, output)
         run_id = mlf.start_stage_run(tracking, run_name, stage, key, params, cached=True)
@@ -77,28 +82,58 @@ def run_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, StageResult], t
         mlf.end_run(tracking, run_id, "FINISHED")
         return StageResult(existing, launched=False)
 
-    store.remove_manifest(output, opts)  # an invalid (corrupted) output is produced again
-    run_id = mlf.start_stage_run(tracking, run_name, stage, key, params, cached=False)
-    spec = dataclasses.replace(spec, tracking={"uri": tracking.uri, "run_id": run_id}, debug=debug or {})
-    spec_uri = store.join(output, store.SPEC)
-    store.write_json(spec_uri, spec.to_json(), opts)
-    python = cfg.launch.stage_python.get(stage, cfg.launch.python)
-    cmd = torchrun_command(stage, spec_uri, cfg.launch.nproc_per_node, python)
-    logger.info("%s: launching %s", run_name, " ".join(cmd))
-    try:
-        env = job_env(cfg.launch.nproc_per_node, {"ALIGNFLOW_STORAGE_OPTIONS": json.dumps(opts)},  # endpoint, never keys
-                      python=python)
-        if cfg.launch.backend == "slurm":
-            slurm.run_stage_job(stage, spec_uri, cfg, key=key, log_line=logger.info, env=env,
-                                output_ready=lambda: find_valid_output(output, opts) is not None)
-        else:
-            run_job(cmd, timeout_s=cfg.launch.timeout_s, log_line=logger.info, env=env)
-        artifact = store.read_artifact(output, opts)
+    with writer:
+        store.remove_manifest(output, opts)  # an invalid (corrupted) output is produced again
+        run_id = mlf.start_stage_run(tracking, run_name, stage, key, params, cached=False)
+        spec = dataclasses.replace(spec, tracking={"uri": tracking.uri, "run_id": run_id}, debug=debug or {})
+        spec_uri = store.join(output, store.SPEC)
+        store.write_json(spec_uri, spec.to_json(), opts)
+        python = cfg.launch.stage_python.get(stage, cfg.launch.python)
+        cmd = torchrun_command(stage, spec_uri, cfg.launch.nproc_per_node, python)
+        logger.info("%s: launching %s", run_name, " ".join(cmd))
+        try:
+            env = job_env(cfg.launch.nproc_per_node,
+                          {"ALIGNFLOW_STORAGE_OPTIONS": json.dumps(opts)}, python=python)  # endpoint, never keys
+            if cfg.launch.backend == "slurm":  # a job elsewhere: a later attempt waits for it by its name
+                slurm.run_stage_job(stage, spec_uri, cfg, key=key, log_line=logger.info, env=env,
+                                    output_ready=lambda: find_valid_output(output, opts) is not None)
+            else:
+                run_job(cmd, timeout_s=cfg.launch.timeout_s, log_line=logger.info, env=env,
+                        on_start=writer.set_job)
+            artifact = store.read_artifact(output, opts)
+        except BaseException:
+            mlf.end_run(tracking, run_id, "FAILED")
+            raise
+        mlf.end_run(tracking, run_id, "FINISHED")
+        return StageResult(artifact, launched=True)
+
+
+def _hold_lease(output: str, opts: dict, ttl_s: float, run_name: str,
+                logger) -> tuple[lease.Lease, store.Artifact | None]:
+    """The output's lease, held, or the output if the writer we waited for wrote it (lease released).
+
+    Waits while a live writer holds it. Taking over from a gone holder first stops its job if that
+    still runs on this host (its flow process was killed)."""
+    def on_takeover(held: dict):
+        job = held["owner"].get("job")
+        if held["owner"]["host"] == lease.this_host() and job and stop_orphan(job["pid"], job["started"]):
+            logger.warning("%s: stopped job %s of an earlier attempt", run_name, job["pid"])
+        logger.info("%s: taking over the lease of %s (expired, or its process is gone)", run_name, held["owner"])
+
+    def on_wait(held: dict):
+        logger.info("%s: waiting for %s, which is writing %s", run_name, held["owner"], output)
+
+    flow_run = getattr(get_run_context(), "task_run", None)
+    writer = lease.acquire(output, opts, lease.owner(flow_run=str(flow_run.flow_run_id) if flow_run else ""),
+                           ttl_s=ttl_s, on_wait=on_wait, on_takeover=on_takeover)
+    try:  # written by the run we waited for, or by one that finished since our first look
+        existing = find_valid_output(output, opts)
     except BaseException:
-        mlf.end_run(tracking, run_id, "FAILED")
+        writer.release()
         raise
-    mlf.end_run(tracking, run_id, "FINISHED")
-    return StageResult(artifact, launched=True)
+    if existing is not None:
+        writer.release()
+    return writer, existing
 
 
 def configured(cfg: PipelineConfig):
