@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
 
 from flows.promote import promote_policy
@@ -39,12 +40,23 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
     rounds = cfg.rl.rounds if rounds is None else rounds
     flow_run = get_run_context().flow_run
     tracking = mlf.start_pipeline_run(cfg, str(flow_run.id), flow_run.name, rounds)
+    with get_client(sync_client=True) as prefect:  # 1, then 2 after a Retry...: read now that the run is Running
+        attempt = prefect.read_flow_run(flow_run.id).run_count
     stage = configured(cfg)
     debug = debug or {}
+    results: list[StageResult] = []  # this attempt's stages, as they finish
 
     def run(name, inputs, round_idx=None, label=""):
-        return stage(name, cfg, inputs, tracking, round_idx=round_idx, label=label,
-                     debug=debug.get(f"{name}{label}"))
+        result = stage(name, cfg, inputs, tracking, round_idx=round_idx, label=label,
+                       debug=debug.get(f"{name}{label}"))
+        results.append(result)
+        return result
+
+    def attempt_figures() -> dict[str, float]:
+        return {"wall_seconds": round(time.time() - started, 2),
+                "stages_launched": sum(r.launched for r in results),
+                "stages_skipped": sum(not r.launched for r in results),
+                "stage_compute_seconds": sum(r.metrics.get("stage_seconds", 0.0) for r in results if r.launched)}
 
     try:
         data = run("data_prep", {})
@@ -52,7 +64,7 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
         reward_model = run("reward_model", {"data": data, "sft": sft})
         sft_eval = run("evaluate", {"policy": sft, "data": data, "reward_model": reward_model}, label="[sft]")
 
-        policy, history = sft, [sft, data, reward_model, sft_eval]
+        policy = sft
         # PPO's value model of round r: the reward model or SFT at first, then what update r-1 wrote.
         value = reward_model if cfg.rl.value_init == "reward_model" else sft
         for r in range(rounds):
@@ -62,11 +74,9 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
                                    "data": data, **critic}, r, f"[{r}]")
             policy = run("update", {"policy": policy, "scored": scored, **critic}, r, f"[{r}]")
             value = policy  # update writes value/ next to checkpoint/
-            history += [rollouts, scored, policy]
 
         policy_eval = run("evaluate", {"policy": policy, "data": data, "reward_model": reward_model},
                           label="[policy]")
-        history.append(policy_eval)
         model_name, version = register_policy(cfg, tracking, policy, lineage={
             "pipeline": cfg.pipeline, "config_digest": cfg.digest(), "data_digest": data.artifact.digest,
             "policy_key": policy.artifact.manifest["key"], "sft_key": sft.artifact.manifest["key"],
@@ -75,7 +85,8 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
         })
         # The champion alias moves only if tonight's policy beats it on the same held-out set.
         promotion = promote_policy(cfg, tracking, version, policy=policy, data=data, reward_model=reward_model)
-    except BaseException:
+    except BaseException as err:
+        mlf.log_attempt(tracking, attempt, attempt_figures(), error=f"{type(err).__name__}: {err}")
         mlf.end_run(tracking, tracking.parent_run_id, "FAILED")
         raise
 
@@ -96,13 +107,11 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
         "promotion": promotion["decision"],
         "promotion_reason": promotion["reason"],
         "champion_version": promotion["champion_after"],
-        "stages_launched": sum(r.launched for r in history),
-        "stages_skipped": sum(not r.launched for r in history),
-        "stage_compute_seconds": round(sum(r.metrics.get("stage_seconds", 0.0) for r in history if r.launched), 2),
-        "wall_seconds": round(time.time() - started, 2),
+        # The night, over every attempt of this flow run (a UI Retry is one more attempt).
+        **mlf.log_attempt(tracking, attempt, attempt_figures()),
     }
     mlf.log_metrics(tracking, tracking.parent_run_id,
-                    {k: v for k, v in summary.items() if k.endswith(("accuracy", "reward", "seconds"))})
+                    {k: v for k, v in summary.items() if k.endswith(("accuracy", "reward"))})
     mlf.end_run(tracking, tracking.parent_run_id, "FINISHED")
     logger.info("policy accuracy %.4f (sft %.4f) on %d held-out prompts; %s v%s",
                 summary["policy_accuracy"], summary["sft_accuracy"], summary["eval_prompts"], model_name, version)
