@@ -56,7 +56,8 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
         return {"wall_seconds": round(time.time() - started, 2),
                 "stages_launched": sum(r.launched for r in results),
                 "stages_skipped": sum(not r.launched for r in results),
-                "stage_compute_seconds": sum(r.metrics.get("stage_seconds", 0.0) for r in results if r.launched)}
+                "stage_compute_seconds": round(sum(r.metrics.get("stage_seconds", 0.0) for r in results
+                                                   if r.launched), 2)}
 
     try:
         data = run("data_prep", {})

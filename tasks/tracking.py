@@ -155,15 +155,16 @@ def log_attempt(tracking: Tracking, attempt: int, figures: dict[str, float], err
     from mlflow.entities import Metric, RunTag
 
     c, run_id = client(tracking.uri), tracking.parent_run_id
-    figures = {**figures, "failed": float(error is not None)}
+    figures = {**figures, "failed": int(error is not None)}
     now = int(time.time() * 1000)
     c.log_batch(run_id, metrics=[Metric(f"attempt_{k}", float(v), now, attempt) for k, v in figures.items()],
                 tags=[RunTag(f"alignflow.attempt_{attempt}.error", error[:5000])] if error else [])
     totals = {}
-    for name in figures:  # the latest value at each attempt (an attempt logged twice counts once)
+    for name, value in figures.items():  # the latest value at each attempt (one logged twice counts once)
         history = sorted(c.get_metric_history(run_id, f"attempt_{name}"), key=lambda m: m.timestamp)
         per_attempt = {m.step: m.value for m in history}
-        totals["failed_attempts" if name == "failed" else name] = round(sum(per_attempt.values()), 2)
+        total = round(sum(per_attempt.values()), 2)
+        totals["failed_attempts" if name == "failed" else name] = int(total) if isinstance(value, int) else total
     totals["attempts"] = len(per_attempt)
     c.log_batch(run_id, metrics=[Metric(k, float(v), now, attempt) for k, v in totals.items()])
     return totals
