@@ -32,7 +32,7 @@ run: setup
 	$(VENV)/bin/alignflow run configs/tiny.yaml --summary-out .alignflow/summary.json
 
 test: setup setup-vllm
-	ALIGNFLOW_REQUIRE_VLLM=1 ALIGNFLOW_REQUIRE_SLURM=1 $(PY) -m pytest -q tests
+	ALIGNFLOW_REQUIRE_VLLM=1 ALIGNFLOW_REQUIRE_SLURM=1 ALIGNFLOW_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests
 
 clean:
 	rm -rf .alignflow

@@ -17,6 +17,7 @@ import time
 from typing import Callable
 
 from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
 
 from flows.promote import promote_policy
@@ -88,17 +89,29 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
     rounds = cfg.rl_rounds(rounds)
     flow_run = get_run_context().flow_run
     tracking = mlf.start_pipeline_run(cfg, str(flow_run.id), flow_run.name, rounds)
+    with get_client(sync_client=True) as prefect:  # 1, then 2 after a Retry...: read now that the run is Running
+        attempt = prefect.read_flow_run(flow_run.id).run_count
     stage = configured(cfg)
     debug = debug or {}
+    results: list[StageResult] = []  # this attempt's stages, as they finish
 
     def run(name, inputs, round_idx=None, label=""):
-        return stage(name, cfg, inputs, tracking, round_idx=round_idx, label=label,
-                     debug=debug.get(f"{name}{label}"))
+        result = stage(name, cfg, inputs, tracking, round_idx=round_idx, label=label,
+                       debug=debug.get(f"{name}{label}"))
+        results.append(result)
+        return result
+
+    def attempt_figures() -> dict[str, float]:
+        return {"wall_seconds": round(time.time() - started, 2),
+                "stages_launched": sum(r.launched for r in results),
+                "stages_skipped": sum(not r.launched for r in results),
+                "stage_compute_seconds": round(sum(r.metrics.get("stage_seconds", 0.0) for r in results
+                                                   if r.launched), 2)}
 
     try:
         night = chain(cfg, rounds, run)
         data, sft, reward_model, policy = night.data, night.sft, night.reward_model, night.policy
-        sft_eval, policy_eval, history = night.sft_eval, night.policy_eval, list(night.stages.values())
+        sft_eval, policy_eval = night.sft_eval, night.policy_eval
         model_name, version = register_policy(cfg, tracking, policy, lineage={
             "pipeline": cfg.pipeline, "config_digest": cfg.digest(), "data_digest": data.artifact.digest,
             "policy_key": policy.artifact.manifest["key"], "sft_key": sft.artifact.manifest["key"],
@@ -108,7 +121,8 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
         # The champion alias moves only if tonight's policy beats it on the same held-out set.
         promotion = promote_policy(cfg, tracking, version, policy=policy, data=data, reward_model=reward_model,
                                    sft_eval=sft_eval)
-    except BaseException:
+    except BaseException as err:
+        mlf.log_attempt(tracking, attempt, attempt_figures(), error=f"{type(err).__name__}: {err}")
         mlf.end_run(tracking, tracking.parent_run_id, "FAILED")
         raise
 
@@ -129,16 +143,14 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
         "promotion": promotion["decision"],
         "promotion_reason": promotion["reason"],
         "champion_version": promotion["champion_after"],
-        "stages_launched": sum(r.launched for r in history),
-        "stages_skipped": sum(not r.launched for r in history),
-        "stage_compute_seconds": round(sum(r.metrics.get("stage_seconds", 0.0) for r in history if r.launched), 2),
-        "wall_seconds": round(time.time() - started, 2),
+        # The night, over every attempt of this flow run (a UI Retry is one more attempt).
+        **mlf.log_attempt(tracking, attempt, attempt_figures()),
     }
     mlf.log_metrics(tracking, tracking.parent_run_id,
-                    {k: v for k, v in summary.items() if k.endswith(("accuracy", "reward", "seconds"))})
+                    {k: v for k, v in summary.items() if k.endswith(("accuracy", "reward"))})
     report.publish(tracking, night.stages, summary)  # a Prefect artifact and plots on the parent run
     mlf.end_run(tracking, tracking.parent_run_id, "FINISHED")
-    record_run(cfg, str(flow_run.id), history)  # what `alignflow gc` keeps for the last runs
+    record_run(cfg, str(flow_run.id), results)  # what `alignflow gc` keeps for the last runs
     logger.info("policy accuracy %.4f (sft %.4f) on %d held-out prompts; %s v%s",
                 summary["policy_accuracy"], summary["sft_accuracy"], summary["eval_prompts"], model_name, version)
     return summary

@@ -17,9 +17,11 @@ import json
 from prefect import get_run_logger, task
 from prefect.context import get_run_context
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
 from stages.common import store
+from stages.common.runtime import summary_metrics
 from tasks import lease, slurm
 from tasks import tracking as mlf
 from tasks.config import PipelineConfig
@@ -66,7 +68,7 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}{label}")
 def run_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, StageResult], tracking: mlf.Tracking,
-              round_idx: int | None = None, label: str = "", debug: dict | None = None) -> StageResult:
+              round_idx: int | None = None, label: str = "", debug: dict | None = None) -> StageResult | State:
     logger = get_run_logger()
     spec = stage_spec(stage, cfg, {name: r.artifact for name, r in inputs.items()}, round_idx)
     key, output, params, opts = spec.key, spec.output, spec.params, spec.storage_options
@@ -78,9 +80,11 @@ def run_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, StageResult], t
     if existing is not None:
         logger.info("%s: skipped, %s already has a valid manifest", run_name, output)
         run_id = mlf.start_stage_run(tracking, run_name, stage, key, params, cached=True)
-        mlf.log_metrics(tracking, run_id, existing.metrics)
+        mlf.log_metrics(tracking, run_id, summary_metrics(existing.metrics))
         mlf.end_run(tracking, run_id, "FINISHED")
-        return StageResult(existing, launched=False)
+        # The UI then tells reused stages from those that ran; the caller still gets the StageResult.
+        return Completed(name="Skipped", message=f"output reused, nothing launched: {output}",
+                         data=StageResult(existing, launched=False))
 
     with writer:
         store.remove_manifest(output, opts)  # an invalid (corrupted) output is produced again
@@ -137,11 +141,17 @@ def _hold_lease(output: str, opts: dict, ttl_s: float, run_name: str,
 
 
 def configured(cfg: PipelineConfig):
-    """`run_stage` with the config's retry policy."""
-    return run_stage.with_options(
+    """`run_stage` with the config's retry policy, called for its StageResult."""
+    stage_task = run_stage.with_options(
         retries=cfg.launch.retries,
         retry_delay_seconds=(exponential_backoff(backoff_factor=cfg.launch.retry_delay_s)
                              if cfg.launch.retries and cfg.launch.retry_delay_s > 0 else 0),
         retry_jitter_factor=0.5,
         retry_condition_fn=_retry_unless_bad_input,
     )
+
+    def run(*args, **kwargs) -> StageResult:
+        # A skipped stage returns its Skipped state, which a plain call would hand back as is.
+        return stage_task(*args, return_state=True, **kwargs).result()
+
+    return run

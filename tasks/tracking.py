@@ -64,6 +64,10 @@ def _log_params(c, run_id: str, params: dict) -> None:
         c.log_batch(run_id, params=flat[i : i + 90])
 
 
+# MLflow 3's UI opens an experiment by this tag's kind; untagged, it guesses the GenAI view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's "Model training"
+
+
 def experiment_id(c, name: str) -> str:
     """The experiment's id, created if needed; a run that started at the same moment may create it first."""
     from mlflow.exceptions import MlflowException
@@ -72,7 +76,7 @@ def experiment_id(c, name: str) -> str:
         if (exp := c.get_experiment_by_name(name)) is not None:
             return exp.experiment_id
         try:
-            return c.create_experiment(name, artifact_location=_artifact_location(c))
+            return c.create_experiment(name, artifact_location=_artifact_location(c), tags=EXPERIMENT_KIND)
         except MlflowException as err:
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
                 raise
@@ -151,6 +155,33 @@ def log_metrics(tracking: Tracking, run_id: str, metrics: dict) -> None:
     batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float))]
     if batch:
         client(tracking.uri).log_batch(run_id, metrics=batch)
+
+
+def log_attempt(tracking: Tracking, attempt: int, figures: dict[str, float], error: str | None = None) -> dict:
+    """Log one attempt of the pipeline on its parent run; return the night's totals over every attempt so far.
+
+    A UI Retry continues the same parent run, so the run keeps the night: `attempt_<figure>` at
+    step=attempt, the running totals under the figure's own name at the same step, and a failed
+    attempt as `attempt_failed` = 1 with its error in the tag `alignflow.attempt_<n>.error`.
+    """
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    c, run_id = client(tracking.uri), tracking.parent_run_id
+    figures = {**figures, "failed": int(error is not None)}
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(f"attempt_{k}", float(v), now, attempt) for k, v in figures.items()],
+                tags=[RunTag(f"alignflow.attempt_{attempt}.error", error[:5000])] if error else [])
+    totals = {}
+    for name, value in figures.items():  # the latest value at each attempt (one logged twice counts once)
+        history = sorted(c.get_metric_history(run_id, f"attempt_{name}"), key=lambda m: m.timestamp)
+        per_attempt = {m.step: m.value for m in history}
+        total = round(sum(per_attempt.values()), 2)
+        totals["failed_attempts" if name == "failed" else name] = int(total) if isinstance(value, int) else total
+    totals["attempts"] = len(per_attempt)
+    c.log_batch(run_id, metrics=[Metric(k, float(v), now, attempt) for k, v in totals.items()])
+    return totals
 
 
 def end_run(tracking: Tracking, run_id: str, status: str) -> None:

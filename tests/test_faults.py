@@ -92,3 +92,31 @@ def test_bad_dataset_fails_before_any_job(tmp_path, prefect_harness, case):
     with pytest.raises(Exception, match=expected):
         alignment(config_path=str(cfg_path))
     assert not (tmp_path / "store").exists(), "no job may start on a bad dataset"
+
+
+def test_a_rerun_marks_reused_stages_skipped_and_curves_keep_their_steps(tmp_path, prefect_harness):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    cfg_path = _config(tmp_path)
+    first = prefix(str(cfg_path))
+    again = prefix(str(cfg_path), return_state=True)
+    assert not again.result()["sft"].launched  # the flow still gets the StageResult
+
+    # Prefect: each reused stage's task run is Completed, named Skipped, its message the output it reused.
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[again.state_details.flow_run_id])))
+    states = {r.name: r.state for r in runs}
+    assert {name: (s.type.value, s.name) for name, s in states.items()} == {
+        "data_prep": ("COMPLETED", "Skipped"), "sft": ("COMPLETED", "Skipped")}
+    assert first["sft"].uri in states["sft"].message
+
+    # MLflow: the loss curve has points at its logging steps only; the result is `summary/loss`.
+    c = mlf.client(load_config(cfg_path).tracking_uri())
+    launched, skipped = sorted(_stage_runs(cfg_path, "sft"), key=lambda r: r.data.tags["alignflow.cached"])
+    loss = c.get_metric_history(launched.info.run_id, "loss")
+    assert sorted(m.step for m in loss) == [10, 20]  # sft.log_every 10, sft.steps 20
+    [summary] = c.get_metric_history(launched.info.run_id, "summary/loss")
+    assert summary.value == max(loss, key=lambda m: m.step).value
+    assert all(k.startswith("summary/") for k in skipped.data.metrics) and "summary/loss" in skipped.data.metrics

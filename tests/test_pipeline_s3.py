@@ -111,12 +111,12 @@ def test_mlflow_runs_and_registry(s3_pipeline):
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     sft = [r for r in children if r.info.run_name == "sft"][0]
-    assert "loss" in sft.data.metrics and "tokens_per_s" in sft.data.metrics
+    assert "summary/loss" in sft.data.metrics and "summary/tokens_per_s" in sft.data.metrics
     assert len(client.get_metric_history(sft.info.run_id, "loss")) >= 2  # a curve, logged by rank 0
     update = [r for r in children if r.info.run_name == "update[0]"][0]
-    assert {"kl", "clip_frac", "ratio_dev_first"} <= update.data.metrics.keys()
-    assert update.data.metrics["optimizer_steps"] > 0
-    assert update.data.metrics["ratio_dev_first"] < 1e-4  # the first minibatch is on-policy
+    assert {"kl", "clip_frac", "summary/ratio_dev_first"} <= update.data.metrics.keys()
+    assert update.data.metrics["summary/optimizer_steps"] > 0
+    assert update.data.metrics["summary/ratio_dev_first"] < 1e-4  # the first minibatch is on-policy
 
     mv = client.get_model_version(s["registered_model"], s["model_version"])
     assert mv.tags["checkpoint_uri"] == s["policy_checkpoint_uri"]  # an MLflow model, its checkpoint's URI a tag

@@ -178,7 +178,7 @@ class StageContext(Generic[P]):
                 raise BadInput(f"stage {self.spec.stage}: metric {k} is {v}; no manifest written")
         files = [f for part in self.all_gather(self._files) for f in part]
         if self.is_main:
-            self.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            self.log_metrics(summary_metrics(metrics))
             self.flush_metrics()
             inputs = {n: {"uri": a.uri, "digest": a.digest} for n, a in self._artifacts.items()}
             for name, uri in self.spec.inputs.items():
@@ -199,6 +199,12 @@ class StageContext(Generic[P]):
             if fs.exists(f"{base}/_resume"):
                 fs.rm(f"{base}/_resume", recursive=True)
         self.barrier()
+
+
+def summary_metrics(metrics: dict) -> dict[str, float]:
+    """A stage's result metrics as MLflow logs them: under names of their own (`summary/loss`), so that
+    no curve logged during training (`loss` at its steps) gets a point that is not one of its steps."""
+    return {f"summary/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def log(msg: str) -> None:
