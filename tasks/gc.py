@@ -24,6 +24,7 @@ from stages.common import store
 from tasks import lease
 from tasks import tracking as mlf
 from tasks.config import PipelineConfig
+from tasks.promotion.registry import checkpoint_uri
 
 RUNS = "_runs"
 
@@ -113,11 +114,12 @@ def registered_lineage(cfg: PipelineConfig, outputs: dict[str, Output]) -> dict[
     kept: dict[str, str] = {}
     for mv in c.search_model_versions(f"name = '{name}'"):
         why = f"model version {mv.version}" + (" (champion)" if str(mv.version) == champion else "")
-        refs = {mv.source} | {v for k, v in mv.tags.items() if k.endswith("_uri")}
+        checkpoint = checkpoint_uri(mv)  # in the store (the version's source is its MLflow model)
+        refs = {checkpoint} | {v for k, v in mv.tags.items() if k.endswith("_uri")}
         roots = {o for o in (_output_of(r, outputs) for r in refs) if o}
-        source = _output_of(mv.source, outputs)
+        source = _output_of(checkpoint, outputs)
         if str(mv.version) == champion and (source is None or store.try_read_artifact(source, opts) is None):
-            raise RuntimeError(f"{name} v{mv.version} (champion): its checkpoint {mv.source} has no readable "
+            raise RuntimeError(f"{name} v{mv.version} (champion): its checkpoint {checkpoint} has no readable "
                                "manifest; refusing to collect without its lineage")
         keys = {k for tag, v in mv.tags.items() if tag.startswith("lineage.") or tag.endswith("_key")
                 for k in v.split(",")}
