@@ -272,7 +272,12 @@ def test_cancelled_flow_run_cancels_its_job(root, prefect_harness, tmp_path):
     assert not [p for p in slurm_processes() if p["SLURM_JOB_ID"] == job_id]
 
 
-def test_second_run_waits_for_the_running_job_no_second_writer(root, prefect_harness, tmp_path, caplog):
+def test_second_run_after_a_killed_flow_process_waits_for_its_job_no_second_writer(root, prefect_harness, tmp_path,
+                                                                                   caplog):
+    """The flow process dies while its Slurm job runs (its login-node session ends): the job runs on.
+    A second run takes over the dead process's lease at once, then finds the job by its name and waits
+    for it instead of submitting another. (While the first process lives, its lease alone makes the
+    second run wait: tests/test_lease.py.)"""
     config = write_config(root, "twice", **{"sft.steps": 150})
     pipeline = load_config(config).pipeline
     first = start_flow_process(config, tmp_path / "first.log")
@@ -287,15 +292,17 @@ def test_second_run_waits_for_the_running_job_no_second_writer(root, prefect_har
     try:
         wait_until(lambda: [j for j in squeue(f"{pipeline}-sft-") if j[2] == "RUNNING"], "the first sft job",
                    proc=first)
+        os.killpg(first.pid, signal.SIGKILL)  # no scancel from it: SIGKILL runs no handler
+        first.wait()
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        second = prefix(str(config))  # the same config again while the first run's job runs
-        assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-3000:]
+        second = prefix(str(config))  # the same config again while the dead run's job still runs
     finally:
         watching.set()
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     assert max(most_at_once) == 1  # never two jobs for the output
+    assert "taking over the lease" in caplog.text
     assert "(the same key) is still running: waiting for it" in caplog.text
     assert "completed the output: nothing submitted" in caplog.text
     key = second["sft"].artifact.manifest["key"]
