@@ -505,8 +505,22 @@ def deploy(
 # REST helpers (plain httpx: what the UI does, no Prefect settings needed in the caller)
 
 
+class _RetryUnavailable(httpx.HTTPTransport):
+    """Retries 502/503 as Prefect's own client does: a server busy on its SQLite database under load
+    answers 503 for a moment."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for delay in (1, 2, 4, 8):
+            response = super().handle_request(request)
+            if response.status_code not in (502, 503):
+                return response
+            response.close()
+            time.sleep(delay)
+        return super().handle_request(request)
+
+
 def _api(api_url: str, timeout: float = 15.0) -> httpx.Client:
-    return httpx.Client(base_url=api_url.rstrip("/"), timeout=timeout)
+    return httpx.Client(base_url=api_url.rstrip("/"), timeout=timeout, transport=_RetryUnavailable())
 
 
 def create_flow_run(
