@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 
-.PHONY: setup setup-vllm run test clean services-up services-down
+.PHONY: setup setup-vllm setup-system run test clean services-up services-down
 
 setup: $(VENV)/.installed
 
@@ -31,7 +31,12 @@ setup-vllm: .venv-vllm/.installed
 run: setup
 	$(VENV)/bin/alignflow run configs/tiny.yaml --summary-out .alignflow/summary.json
 
-test: setup setup-vllm
+# The system packages the tests use: Slurm (a 2-node cluster on loopback) and headless Chromium.
+setup-system:
+	scripts/slurm_cluster.sh install
+	scripts/install_browser.sh
+
+test: setup setup-vllm setup-system
 	ALIGNFLOW_REQUIRE_VLLM=1 ALIGNFLOW_REQUIRE_SLURM=1 ALIGNFLOW_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests
 
 clean:
