@@ -21,7 +21,7 @@ from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
 
 from flows.promote import promote_policy
-from tasks.config import load_config
+from tasks.config import check_machines, load_config
 from stages.data_prep import check_local_source
 from tasks import report
 from tasks import tracking as mlf
@@ -84,6 +84,7 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
     started = time.time()
     logger = get_run_logger()
     cfg = load_config(config_path)
+    check_machines(cfg)  # e.g. QLoRA on a machine without a GPU: refused before any job starts
     if cfg.data.source == "hf":  # a bad local dataset fails here, before any job starts
         check_local_source(cfg.data.hf)
     rounds = cfg.rl_rounds(rounds)

@@ -23,6 +23,7 @@ import torch
 from stages.common import runtime
 from stages.common.engine import full_parameters, make_engine
 from stages.common.losses import dpo_loss, sequence_logps
+from stages.common.adapters import fetch_checkpoint, load_policy
 from stages.common.models import (encode_prompts, encode_responses, load_causal_lm, load_tokenizer, pack_right,
                                   save_checkpoint, token_logprobs)
 from stages.common.params import DPOParams
@@ -61,10 +62,10 @@ def run(ctx: StageContext[DPOParams]) -> dict:
     n_eval = max(1, int(len(pairs) * cfg.eval_fraction))
     average = cfg.loss == "ipo"
 
-    sft_dir = ctx.fetch_dir("sft", "checkpoint")
+    sft = fetch_checkpoint(ctx, "sft")  # a LoRA SFT is merged into its base: DPO trains full weights
     trust = p.model.trust_remote_code
-    tokenizer = load_tokenizer(sft_dir, trust)
-    model = load_causal_lm(sft_dir, trust).to(ctx.device).eval()
+    tokenizer = load_tokenizer(sft.dir, trust)
+    model = load_policy(sft, trust).requires_grad_(True).to(ctx.device).eval()
     reference = reference_logps(ctx, model, tokenizer, pairs, average)  # the SFT model, before any step
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
     eval_ref, train_ref = reference[:n_eval], reference[n_eval:]

@@ -16,7 +16,8 @@ import torch
 
 from stages.common import runtime
 from stages.common.generation import HFBackend, Request
-from stages.common.models import encode_prompts, load_reward_model, pack_right
+from stages.common.adapters import fetch_checkpoint, load_reward
+from stages.common.models import encode_prompts, pack_right
 from stages.common.params import EvaluateParams
 from stages.common.runtime import BadInput, StageContext, log
 from stages.common.verifier import VERIFIERS
@@ -30,15 +31,16 @@ def run(ctx: StageContext[EvaluateParams]) -> dict:
         raise BadInput("evaluate: eval.parquet is empty")
     mine = [rows[i] for i in ctx.shard(len(rows))]
     trust = p.model.trust_remote_code
-    policy = HFBackend(str(ctx.fetch_dir("policy", "checkpoint")), str(ctx.device), trust_remote_code=trust,
-                       batch_size=p.evaluate.batch_size)
+    checkpoint = fetch_checkpoint(ctx, "policy")  # a LoRA policy is merged into the base its adapter names
+    policy = HFBackend(str(checkpoint.base_dir), str(ctx.device), trust_remote_code=trust,
+                       batch_size=p.evaluate.batch_size, adapter_dirs=tuple(map(str, checkpoint.adapter_dirs)))
     tokenizer = policy.tokenizer
     prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in mine])
     samples = policy.generate(Request(prompt_ids, n=1, temperature=1.0, top_p=1.0, greedy=True,
                                       max_new_tokens=p.evaluate.max_new_tokens, seed=0))
     responses = [g[0] for g in samples]
 
-    reward_model = load_reward_model(ctx.fetch_dir("reward_model", "checkpoint"), trust).to(ctx.device).eval()
+    reward_model = load_reward(fetch_checkpoint(ctx, "reward_model"), ctx.workdir, trust).to(ctx.device).eval()
     rm_rewards = []
     with torch.no_grad():
         for i in range(0, len(mine), 256):

@@ -20,6 +20,7 @@ from contextlib import closing
 import pyarrow.parquet as pq
 
 from stages.common import runtime, store
+from stages.common.adapters import fetch_checkpoint
 from stages.common.generation import Backend, BadRequest, Request, make_backend
 from stages.common.models import encode_prompts, load_tokenizer
 from stages.common.params import GenerateParams
@@ -91,10 +92,10 @@ def run(ctx: StageContext[GenerateParams]) -> dict:
     p = ctx.params
     prompts = round_prompts(pq.read_table(ctx.fetch("data", "rl_prompts.parquet")).to_pylist(),
                             p.rl.prompts_per_round, p.seed, p.round)
-    policy_dir = ctx.fetch_dir("policy", "checkpoint")
-    tokenizer = load_tokenizer(policy_dir, p.model.trust_remote_code)
+    policy = fetch_checkpoint(ctx, "policy")  # a LoRA policy: its adapter and the base it names
+    tokenizer = load_tokenizer(policy.dir, p.model.trust_remote_code)
     policy_key = ctx.input("policy").manifest["key"]
-    with closing(make_backend(p.generate, policy_dir, ctx.device, p.model.trust_remote_code)) as backend:
+    with closing(make_backend(p.generate, policy, ctx.device, p.model.trust_remote_code, ctx.workdir)) as backend:
         shard = backend.shard(ctx, len(prompts))
         # Ranks that run each request together must sample alike: they all take rank 0's seed.
         rank_seed = p.seed * 100003 + p.round * 101 + (0 if shard.lockstep else ctx.rank)

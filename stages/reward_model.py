@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 import torch
 
 from stages.common import runtime
+from stages.common.adapters import (Checkpoint, add_adapter, artifact_ref, fetch_checkpoint, load_frozen_base,
+                                    load_reward, save_adapter, trainable_adapter)
 from stages.common.engine import full_parameters, make_engine
 from stages.common.losses import bradley_terry_loss
 from stages.common.resume import Resumer, Trained
@@ -34,6 +36,21 @@ def pair_rewards(model, tokenizer, rows: list[dict], device) -> tuple[torch.Tens
     return rewards[: len(rows)], rewards[len(rows):]
 
 
+def model_to_train(ctx: StageContext[RewardModelParams], sft: Checkpoint, resume_dir, tokenizer):
+    """(model, save): the SFT model with a new scalar head, all of it trained; or with model.lora an
+    adapter on it (peft's SEQ_CLS task: the head trains in full and is saved with the adapter)."""
+    lora, trust = ctx.params.model.lora, ctx.params.model.trust_remote_code
+    if lora is None:
+        model = load_reward_model(resume_dir, trust) if resume_dir else \
+            load_reward(sft, ctx.workdir, trust, init_head=True).requires_grad_(True)
+        return model, lambda m, d: save_checkpoint(m, tokenizer, d)
+    model = load_frozen_base(sft, lora, trust, ctx.device, ctx.workdir, task_type="SEQ_CLS")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = trainable_adapter(model, resume_dir) if resume_dir else add_adapter(model, lora, "SEQ_CLS", ctx.params.seed)
+    base_ref = artifact_ref(ctx.input("sft"))
+    return model, lambda m, d: save_adapter(m, tokenizer, d, base_ref)
+
+
 def run(ctx: StageContext[RewardModelParams]) -> dict:
     p, cfg = ctx.params, ctx.params.reward_model
     pairs = pq.read_table(ctx.fetch("data", "pairs.parquet")).to_pylist()
@@ -43,12 +60,10 @@ def run(ctx: StageContext[RewardModelParams]) -> dict:
     n_eval = max(1, int(len(pairs) * cfg.eval_fraction))
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
 
-    sft_dir = ctx.fetch_dir("sft", "checkpoint")
-    trust = p.model.trust_remote_code
-    tokenizer = load_tokenizer(sft_dir, trust)
+    sft = fetch_checkpoint(ctx, "sft")
+    tokenizer = load_tokenizer(sft.dir, p.model.trust_remote_code)
     resumer = Resumer(ctx, cfg.save_every, cfg.steps)
-    resume_dir = resumer.model_dir()  # a killed attempt left resume state
-    model = load_reward_model(resume_dir or sft_dir, trust, init_head=resume_dir is None)
+    model, save_model = model_to_train(ctx, sft, resumer.model_dir(), tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
 
     if cfg.batch_size % ctx.world_size:
@@ -58,7 +73,7 @@ def run(ctx: StageContext[RewardModelParams]) -> dict:
                                        warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, device=ctx.device)
     engine.train()
     gen = torch.Generator().manual_seed(p.seed)
-    trained = {"model": Trained(engine, scheduler, lambda m, d: save_checkpoint(m, tokenizer, d))}
+    trained = {"model": Trained(engine, scheduler, save_model)}
     start_step = resumer.restore(trained, gen)
     started, loss_sum, acc_sum, last = time.time(), 0.0, 0.0, (float("nan"), float("nan"))
     for step in range(start_step, cfg.steps):
@@ -89,7 +104,7 @@ def run(ctx: StageContext[RewardModelParams]) -> dict:
     eval_accuracy = ctx.all_reduce_sum([correct])[0] / len(eval_pairs)
     with full_parameters(engine) as full_model:
         if ctx.is_main:
-            save_checkpoint(full_model, tokenizer, ctx.out_path("checkpoint"))
+            save_model(full_model, ctx.out_path("checkpoint"))
             ctx.save_dir("checkpoint")
     return {"loss": last[0], "train_accuracy": last[1], "eval_accuracy": eval_accuracy,
             "train_seconds": time.time() - started}

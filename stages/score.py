@@ -21,7 +21,8 @@ import torch
 
 from stages.common import runtime
 from stages.common.critic import load_value_model, value_source
-from stages.common.models import load_causal_lm, load_reward_model, load_tokenizer, pack_right, token_logprobs
+from stages.common.adapters import fetch_checkpoint, load_policy, load_reward
+from stages.common.models import load_tokenizer, pack_right, token_logprobs
 from stages.common.rollouts import PPO_SCORED_SCHEMA, SCORED_SCHEMA, read_tables, write_table
 from stages.common.params import ScoreParams
 from stages.common.runtime import BadInput, StageContext, log
@@ -76,15 +77,17 @@ def run(ctx: StageContext[ScoreParams]) -> dict:
         raise BadInput(f"score: rollouts name prompt ids not in rl_prompts.parquet: {sorted(missing)[:5]}")
 
     trust = p.model.trust_remote_code
-    ref_dir, rm_dir = ctx.fetch_dir("reference", "checkpoint"), ctx.fetch_dir("reward_model", "checkpoint")
-    tokenizer = load_tokenizer(ref_dir, trust)
-    ref_model = load_causal_lm(ref_dir, trust).to(ctx.device).eval()
-    reward_model = load_reward_model(rm_dir, trust).to(ctx.device).eval()
+    # The reference is the SFT policy: with LoRA policies, the base of their adapter (the adapter off).
+    reference = fetch_checkpoint(ctx, "reference")
+    tokenizer = load_tokenizer(reference.dir, trust)
+    ref_model = load_policy(reference, trust).to(ctx.device).eval()
+    reward_model = load_reward(fetch_checkpoint(ctx, "reward_model"), ctx.workdir, trust).to(ctx.device).eval()
     ref_lps, rm_scores = score_rows(rows, ref_model, reward_model, tokenizer.pad_token_id, p.rl.temperature, ctx.device)
     with_values = "value" in ctx.spec.inputs  # PPO: the flow passes the value model of the round
     if with_values:
         subdir, zero_head = value_source(ctx.input("value"))
-        value_model = load_value_model(ctx.fetch_dir("value", subdir), tokenizer.pad_token_id, zero_head, trust)
+        value_model = load_value_model(fetch_checkpoint(ctx, "value", subdir), tokenizer.pad_token_id, zero_head,
+                                       trust, workdir=ctx.workdir)
         for row, v in zip(rows, value_rows(rows, value_model.to(ctx.device).eval(), tokenizer.pad_token_id, ctx.device)):
             row["values"] = v
 

@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 import torch
 
 from stages.common import runtime
+from stages.common.adapters import (Checkpoint, add_adapter, external_dir, external_ref, load_frozen_base,
+                                    save_adapter, trainable_adapter)
 from stages.common.engine import full_parameters, make_engine
 from stages.common.resume import Resumer, Trained
 from stages.common.models import (build_tiny_model, encode_prompts, encode_responses, load_causal_lm,
@@ -37,15 +39,33 @@ def base_model_and_tokenizer(ctx: StageContext[SFTParams]):
     return load_causal_lm(path, model_cfg.trust_remote_code), load_tokenizer(path, model_cfg.trust_remote_code)
 
 
+def model_to_train(ctx: StageContext[SFTParams], resume_dir):
+    """(model, tokenizer, save): the full model, or with model.lora an adapter on the frozen pretrained
+    base, which the checkpoint names by its name_or_path and the digest of its files."""
+    model_cfg, lora = ctx.params.model, ctx.params.model.lora
+    if lora is None:
+        model, tokenizer = base_model_and_tokenizer(ctx)
+        if resume_dir is not None:  # a killed attempt left resume state
+            model = load_causal_lm(resume_dir, model_cfg.trust_remote_code)
+        return model, tokenizer, lambda m, d: save_checkpoint(m, tokenizer, d)
+    path, trust = str(model_cfg.name_or_path), model_cfg.trust_remote_code  # ModelConfig: lora on sft needs one
+    try:
+        base_ref, base_dir = external_ref(path), external_dir(path)
+    except (OSError, ValueError) as err:
+        raise BadInput(f"sft: model.name_or_path {path!r}: {err}") from None
+    tokenizer = load_tokenizer(base_dir, trust)
+    model = load_frozen_base(Checkpoint(base_dir), lora, trust, ctx.device, ctx.workdir)
+    model = trainable_adapter(model, resume_dir) if resume_dir else add_adapter(model, lora, "CAUSAL_LM", ctx.params.seed)
+    return model, tokenizer, lambda m, d: save_adapter(m, tokenizer, d, base_ref)
+
+
 def run(ctx: StageContext[SFTParams]) -> dict:
     p, cfg = ctx.params, ctx.params.sft
     table = pq.read_table(ctx.fetch("data", "sft.parquet")).to_pylist()
     if not table:
         raise BadInput("sft: sft.parquet is empty")
-    model, tokenizer = base_model_and_tokenizer(ctx)
     resumer = Resumer(ctx, cfg.save_every, cfg.steps)
-    if (resume_dir := resumer.model_dir()) is not None:  # a killed attempt left resume state
-        model = load_causal_lm(resume_dir, p.model.trust_remote_code)
+    model, tokenizer, save_model = model_to_train(ctx, resumer.model_dir())
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in table])
     responses = encode_responses(tokenizer, [r["response"] for r in table])
 
@@ -57,7 +77,7 @@ def run(ctx: StageContext[SFTParams]) -> dict:
                                        total_steps=cfg.steps, device=ctx.device)
     engine.train()
     gen = torch.Generator().manual_seed(p.seed)
-    trained = {"model": Trained(engine, scheduler, lambda m, d: save_checkpoint(m, tokenizer, d))}
+    trained = {"model": Trained(engine, scheduler, save_model)}
     start_step = resumer.restore(trained, gen)
     tokens_seen, loss_sum, started, last_loss = 0, 0.0, time.time(), float("nan")
     for step in range(start_step, cfg.steps):
@@ -88,10 +108,11 @@ def run(ctx: StageContext[SFTParams]) -> dict:
     total_tokens = ctx.all_reduce_sum([tokens_seen])[0]
     with full_parameters(engine) as full_model:
         if ctx.is_main:
-            save_checkpoint(full_model, tokenizer, ctx.out_path("checkpoint"))
+            save_model(full_model, ctx.out_path("checkpoint"))
             ctx.save_dir("checkpoint")
     return {"loss": last_loss, "tokens_per_s": total_tokens / elapsed, "train_seconds": elapsed,
-            "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
+            "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+            "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)}
 
 
 if __name__ == "__main__":

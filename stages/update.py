@@ -42,6 +42,8 @@ import time
 import torch
 
 from stages.common import runtime
+from stages.common.adapters import (Checkpoint, add_adapter, artifact_ref, fetch_checkpoint, load_frozen_base,
+                                    load_policy, read_base_ref, save_adapter, trainable_adapter)
 from stages.common.critic import load_value_model, value_source
 from stages.common.engine import full_parameters, make_engine
 from stages.common.losses import (aggregate_loss, clipped_policy_loss, clipped_value_loss, discounted_returns,
@@ -125,6 +127,27 @@ def round_advantages(samples: list[dict], rl: UpdateConfig) -> dict:
     return stats
 
 
+def policy_to_train(ctx: StageContext[UpdateParams], policy: Checkpoint, resume_dir, tokenizer):
+    """The model this update trains, and how to save it. Without model.lora: the policy's full weights.
+    With it: an adapter on a frozen base, loaded once. Round 0 starts a new adapter on the SFT policy;
+    later rounds go on training the adapter that the previous update wrote, on the same base. The
+    base is the SFT policy, which is the reference too (score's ref_logprobs): the adapter off."""
+    p, lora, trust = ctx.params, ctx.params.model.lora, ctx.params.model.trust_remote_code
+    if lora is None:
+        if policy.is_adapter and ctx.input("policy").manifest["stage"] == "update":
+            raise BadInput("update: the policy is a LoRA adapter, but model.lora.stages does not list update")
+        # A LoRA SFT policy (model.lora.stages: [sft]) is merged into full weights, all of which train.
+        model = load_causal_lm(resume_dir, trust) if resume_dir else load_policy(policy, trust).requires_grad_(True)
+        return model, lambda m, d: save_checkpoint(m, tokenizer, d)
+    continuing = policy.is_adapter and ctx.input("policy").manifest["stage"] == "update"
+    base, base_ref = ((policy.without_last_adapter(), read_base_ref(policy.dir)) if continuing
+                      else (policy, artifact_ref(ctx.input("policy"))))
+    model = load_frozen_base(base, lora, trust, ctx.device, ctx.workdir)
+    adapter_dir = resume_dir or (policy.dir if continuing else None)
+    model = trainable_adapter(model, adapter_dir) if adapter_dir else add_adapter(model, lora, "CAUSAL_LM", p.seed)
+    return model, lambda m, d: save_adapter(m, tokenizer, d, base_ref)
+
+
 def run(ctx: StageContext[UpdateParams]) -> dict:
     p, rl = ctx.params, ctx.params.rl
     n = rl.samples_per_prompt
@@ -137,26 +160,26 @@ def run(ctx: StageContext[UpdateParams]) -> dict:
     samples = [r for g in kept for r in g]
     round_stats = round_advantages(samples, rl) if samples else {}
 
-    policy_dir = ctx.fetch_dir("policy", "checkpoint")
+    policy_in = fetch_checkpoint(ctx, "policy")
     trust = p.model.trust_remote_code
-    tokenizer = load_tokenizer(policy_dir, trust)
+    tokenizer = load_tokenizer(policy_in.dir, trust)
     if rl.minibatch_size % ctx.world_size:
         raise BadInput(f"rl.minibatch_size={rl.minibatch_size} is not divisible by {ctx.world_size} ranks")
     micro = rl.minibatch_size // ctx.world_size
     # Every rank needs at least one sample per minibatch; a round with no signal leaves the policy as it was.
     n_minibatches = max(1, len(samples) // rl.minibatch_size) if len(samples) >= ctx.world_size else 0
     resumer = Resumer(ctx, rl.save_every, rl.epochs * n_minibatches)  # a killed attempt may have left state
-    policy_model = load_causal_lm(resumer.model_dir("model") or policy_dir, trust)
+    policy_model, save_policy = policy_to_train(ctx, policy_in, resumer.model_dir("model"), tokenizer)
     policy, _, policy_sched = make_engine(policy_model, p.engine, lr=rl.lr, micro_batch=micro,
                                           device=ctx.device)
     policy.train()
-    trained = {"model": Trained(policy, policy_sched, lambda m, d: save_checkpoint(m, tokenizer, d))}
+    trained = {"model": Trained(policy, policy_sched, save_policy)}
     critic = None
     if ppo:
         subdir, zero_head = value_source(ctx.input("value"))
         value_dir = resumer.model_dir("value")
-        value_model = load_value_model(value_dir or ctx.fetch_dir("value", subdir), tokenizer.pad_token_id,
-                                       zero_head and value_dir is None, trust)
+        value_model = load_value_model(value_dir or fetch_checkpoint(ctx, "value", subdir), tokenizer.pad_token_id,
+                                       zero_head and value_dir is None, trust, workdir=ctx.workdir)
         critic, _, critic_sched = make_engine(value_model, p.engine, lr=rl.value_lr,
                                               micro_batch=micro, device=ctx.device)
         critic.train()
@@ -228,7 +251,7 @@ def run(ctx: StageContext[UpdateParams]) -> dict:
 
     with full_parameters(policy) as full_model:
         if ctx.is_main:
-            save_checkpoint(full_model, tokenizer, ctx.out_path("checkpoint"))
+            save_policy(full_model, ctx.out_path("checkpoint"))
             ctx.save_dir("checkpoint")
     if critic is not None:
         with full_parameters(critic) as full_critic:

@@ -40,7 +40,7 @@ class TrackingConfig(Strict):
     registered_model: str = "alignflow-policy"
 
 
-StageName = Literal["data_prep", "sft", "reward_model", "generate", "score", "update", "evaluate"]
+StageName = Literal["data_prep", "sft", "reward_model", "dpo", "generate", "score", "update", "evaluate"]
 
 
 class SlurmConfig(Strict):
@@ -150,6 +150,28 @@ class PipelineConfig(Strict):
     def verifier(self) -> str:
         """The reward of record's checker for score and evaluate: exact match on the synthetic task."""
         return self.data.hf.verifier if self.data.source == "hf" else "exact"
+
+
+def check_machines(cfg: PipelineConfig) -> None:
+    """What the config asks of the machines its jobs run on, checked before any job starts."""
+    lora = cfg.model.lora
+    if lora is None or not lora.load_in_4bit:
+        return
+    if cfg.launch.backend == "slurm":
+        no_gpu = [s for s in lora.stages if cfg.launch.slurm_for(s).gpus_per_node == 0]
+        if no_gpu:
+            raise ConfigError(f"model.lora.load_in_4bit: QLoRA's 4-bit base needs a GPU, but launch.slurm gives "
+                              f"{', '.join(no_gpu)} gpus_per_node: 0")
+        return
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("model.lora.load_in_4bit: QLoRA's 4-bit base (bitsandbytes) needs a CUDA GPU and this "
+                          "machine has none; set it to false to train the adapters on the full-precision base")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.lora.load_in_4bit: bitsandbytes is not installed (pip install bitsandbytes)")
 
 
 def normalize_uri(uri: str) -> str:

@@ -37,6 +37,8 @@ def stage_params(stage: str, cfg: PipelineConfig, round_idx: int | None = None) 
         part = field.annotation
         if isinstance(value, BaseModel) and type(value) is not part:
             value = part.model_validate(value.model_dump(include=set(part.model_fields)))
+        if name == "model" and getattr(value, "lora", None) is not None and stage not in value.lora.stages:
+            value = value.model_copy(update={"lora": None})  # this stage trains no adapter
         values[name] = value
     return model(**values)
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common import store
+from stages.common import adapters, store
 from tasks.config import PipelineConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -258,4 +258,8 @@ def artifact_lineage(policy: store.Artifact, storage_options: dict | None = None
         if len(found.get(stage, [])) == 1:
             _, _, uri, digest = found[stage][0]
             tags[f"{prefix}_uri"], tags[f"{prefix}_digest"] = uri, digest
+    base_file = f"checkpoint/{adapters.BASE_FILE}"
+    if any(f["path"] == base_file for f in policy.manifest["files"]):  # a LoRA policy: the base it needs
+        base = store.read_json(store.join(policy.uri, base_file), storage_options)
+        tags["adapter_base_uri"], tags["adapter_base_digest"] = base["uri"], base["digest"]
     return tags

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stages.common.adapters import Checkpoint, load_reward
 from stages.common.models import load_reward_model
 
 
@@ -43,8 +44,12 @@ def value_source(artifact) -> tuple[str, bool]:
     raise ValueError(f"a value model cannot come from a {stage!r} artifact")
 
 
-def load_value_model(path, pad_token_id: int, zero_head: bool, trust_remote_code: bool = False):
-    classifier = load_reward_model(path, trust_remote_code)
+def load_value_model(source, pad_token_id: int, zero_head: bool, trust_remote_code: bool = False, workdir=None):
+    """`source`: a checkpoint directory, or a Checkpoint (a LoRA reward model is merged, under `workdir`)."""
+    if isinstance(source, Checkpoint):
+        classifier = load_reward(source, workdir, trust_remote_code)
+    else:
+        classifier = load_reward_model(source, trust_remote_code)
     classifier.config.pad_token_id = pad_token_id
     if zero_head:
         torch.nn.init.zeros_(classifier.score.weight)

@@ -44,7 +44,8 @@ def make_engine(model, engine_cfg: EngineConfig, *, lr: float, micro_batch: int,
 
     device = device or torch.device("cpu")
     dtype = resolve_dtype(engine_cfg.dtype, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with an adapter: its weights only
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     scheduler = linear_warmup(optimizer, warmup_steps, total_steps)
     ds_config = {
         "train_micro_batch_size_per_gpu": micro_batch,

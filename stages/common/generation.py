@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .adapters import Checkpoint
     from .sections import GenerateConfig
     from .runtime import StageContext
 
@@ -80,21 +83,29 @@ class Backend:
 
 @dataclass
 class HFBackend(Backend):
-    """transformers `generate` (KV cache) on left-padded batches; each rank samples its contiguous share."""
+    """transformers `generate` (KV cache) on left-padded batches; each rank samples its contiguous share.
+    `adapter_dirs`: LoRA adapters to merge into the model of `model_dir`, in order (the tokenizer is the last's)."""
 
     model_dir: str
     device: str = "cpu"  # torch's name: "cpu", "cuda:0"
     trust_remote_code: bool = False
     batch_size: int = 512
     chunk_prompts: int = 64
+    adapter_dirs: tuple[str, ...] = ()
 
     name = "hf"
 
     def __post_init__(self):  # `models` imported here: it needs pydantic, which the vLLM child must not need
         from .models import load_causal_lm, load_tokenizer
 
-        self.tokenizer = load_tokenizer(self.model_dir, self.trust_remote_code)
-        self.model = load_causal_lm(self.model_dir, self.trust_remote_code).to(self.device).eval()
+        self.tokenizer = load_tokenizer(self.adapter_dirs[-1] if self.adapter_dirs else self.model_dir,
+                                        self.trust_remote_code)
+        model = load_causal_lm(self.model_dir, self.trust_remote_code)
+        if self.adapter_dirs:
+            from .adapters import merge_adapters
+
+            model = merge_adapters(model, self.adapter_dirs)
+        self.model = model.to(self.device).eval()
 
     def shard(self, ctx: StageContext, n_prompts: int) -> Shard:
         return Shard(ctx.shard(n_prompts), self.chunk_prompts)
@@ -132,14 +143,22 @@ class HFBackend(Backend):
         return [samples[i * r.n : (i + 1) * r.n] for i in range(len(r.prompt_token_ids))]
 
 
-def make_backend(cfg: GenerateConfig, model_dir, device: torch.device, trust_remote_code: bool) -> Backend:
+def make_backend(cfg: GenerateConfig, checkpoint: Checkpoint, device: torch.device, trust_remote_code: bool,
+                 workdir: Path) -> Backend:
     """`generate.backend`: auto = vLLM where CUDA and vLLM are both present, else hf; vllm = in this
-    process where vLLM is importable, else in the vLLM environment's interpreter."""
+    process where vLLM is importable, else in the vLLM environment's interpreter. A LoRA policy: merged
+    into its base (hf), or its base with the adapter as vLLM's LoRA request (vllm)."""
     has_vllm = importlib.util.find_spec("vllm") is not None
     choice = ("vllm" if device.type == "cuda" and has_vllm else "hf") if cfg.backend == "auto" else cfg.backend
     if choice == "hf":
-        return HFBackend(str(model_dir), str(device), trust_remote_code, cfg.batch_size, cfg.chunk_prompts)
+        return HFBackend(str(checkpoint.base_dir), str(device), trust_remote_code, cfg.batch_size, cfg.chunk_prompts,
+                         tuple(str(d) for d in checkpoint.adapter_dirs))
+    from .adapters import lora_rank, merged_dir
     from .vllm_generate import VLLMInProcess, VLLMSubprocess
 
-    engine = {"model_dir": str(model_dir), "device": device.type, "tensor_parallel_size": cfg.tensor_parallel_size}
+    engine = {"model_dir": str(checkpoint.base_dir), "device": device.type,
+              "tensor_parallel_size": cfg.tensor_parallel_size}
+    if checkpoint.is_adapter:  # vLLM applies one adapter: the ones below it are merged into its base
+        base = merged_dir(checkpoint.without_last_adapter(), workdir / "vllm-base", trust_remote_code)
+        engine.update(model_dir=str(base), lora_dir=str(checkpoint.dir), max_lora_rank=lora_rank(checkpoint.dir))
     return VLLMInProcess(**engine) if has_vllm else VLLMSubprocess(**engine)

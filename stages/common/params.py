@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .sections import (DataConfig, DPOConfig, EngineConfig, EvaluateConfig, GenerateConfig, LoadOptions, ModelConfig,
-                       RewardModelConfig, RolloutConfig, ScoringConfig, SFTConfig, Strict, UpdateConfig)
+from .sections import (AdapterOptions, DataConfig, DPOConfig, EngineConfig, EvaluateConfig, GenerateConfig, LoadOptions,
+                       ModelConfig, RewardModelConfig, RolloutConfig, ScoringConfig, SFTConfig, Strict, UpdateConfig)
 
 
 class DataPrepParams(Strict):
@@ -30,7 +30,7 @@ class SFTParams(Strict):
 
 class RewardModelParams(Strict):
     seed: int
-    model: LoadOptions
+    model: AdapterOptions
     engine: EngineConfig
     reward_model: RewardModelConfig
 
@@ -60,7 +60,7 @@ class ScoreParams(Strict):
 class UpdateParams(Strict):
     seed: int
     round: int
-    model: LoadOptions
+    model: AdapterOptions
     engine: EngineConfig
     rl: UpdateConfig
 

@@ -32,7 +32,37 @@ class LoadOptions(Strict):
     trust_remote_code: bool = False
 
 
-class ModelConfig(LoadOptions):
+LoraStage = Literal["sft", "reward_model", "update"]
+
+
+class LoraConfig(Strict):
+    """LoRA adapters through peft (stages/common/adapters.py): the listed stages train an adapter on a
+    frozen base and write only the adapter, which names its base by URI and digest."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Module names to adapt (q_proj, v_proj...), or "all-linear": every linear layer but the output head.
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    stages: list[LoraStage] = ["sft", "reward_model", "update"]
+    # QLoRA: the frozen base in 4 bits (bitsandbytes NF4), GPU only.
+    load_in_4bit: bool = False
+
+    @model_validator(mode="after")
+    def _some_stage(self):
+        if not self.stages:
+            raise ValueError("model.lora.stages is empty: list the stages that train adapters, or drop model.lora")
+        return self
+
+
+class AdapterOptions(LoadOptions):
+    """What a stage that may train an adapter reads of `model`: `lora` is None unless the stage is listed
+    in model.lora.stages (tasks/spec.py), so turning adapters on for one stage leaves the others' keys."""
+
+    lora: LoraConfig | None = None
+
+
+class ModelConfig(AdapterOptions):
     # Exactly one: a Hugging Face model name or local directory, or a tiny model spec.
     name_or_path: str | None = None
     tiny: TinyModelConfig | None = None
@@ -41,6 +71,9 @@ class ModelConfig(LoadOptions):
     def _one_source(self):
         if (self.name_or_path is None) == (self.tiny is None):
             raise ValueError("set exactly one of model.name_or_path or model.tiny")
+        if self.lora is not None and "sft" in self.lora.stages and self.tiny is not None:
+            raise ValueError("model.lora.stages includes sft, but model.tiny is built from scratch: an adapter "
+                             "needs a pretrained base (model.name_or_path), or drop sft from model.lora.stages")
         return self
 
 

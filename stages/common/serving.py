@@ -5,20 +5,25 @@ tasks/tracking.py) holds no code and no pickle:
     MLmodel                          python_function: loader_module stages.common.serving, data policy
     policy/_MANIFEST.json            the stage's manifest (file sizes and sha256)
     policy/checkpoint/...            the `save_pretrained` directory (safetensors, config, tokenizer)
+    policy/base-1/...                a LoRA policy: the base its adapter names (_MANIFEST.json and
+                                     checkpoint/ of a pipeline artifact; checkpoint/ alone for a model
+                                     from outside the store), then base-2/... if that is an adapter too
 
 MLflow imports this module from the installed alignflow package and calls `_load_pyfunc(<model>/policy)`:
 every checkpoint file is hashed against the manifest (a corrupted or extra file fails the load, naming
-it), then the weights load with `from_pretrained(use_safetensors=True)`. `predict` takes a list of
-prompts and returns one completion each, greedy unless `temperature` > 0.
+it), a base against the digest its adapter names, then the weights load with
+`from_pretrained(use_safetensors=True)` (adapters merged in). `predict` takes a list of prompts and
+returns one completion each, greedy unless `temperature` > 0.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-from . import store
+from . import adapters, store
 
 DATA_DIR = "policy"  # the model's data directory: the manifest and checkpoint/
 CHECKPOINT = "checkpoint"
@@ -48,11 +53,45 @@ def save_model(policy: store.Artifact, path: str | os.PathLike, storage_options:
 
     with tempfile.TemporaryDirectory(prefix="alignflow-model-") as tmp:
         data = Path(tmp) / DATA_DIR
-        store.download_dir(policy, CHECKPOINT, data, storage_options)
+        checkpoint = store.download_dir(policy, CHECKPOINT, data, storage_options)
         store.write_json(str(data / store.MANIFEST), policy.manifest)
+        fetch_base = adapters.store_fetcher(Path(tmp) / "bases", storage_options)
+        depth = 1
+        while adapters.is_adapter_dir(checkpoint):  # a LoRA policy: its bases go with it
+            ref, base = adapters.read_base_ref(checkpoint), data / f"base-{depth}"
+            fetched = fetch_base(ref, depth)  # checked against the adapter's digest
+            checkpoint = base / CHECKPOINT
+            if adapters.is_store_ref(ref):
+                shutil.copytree(fetched, checkpoint)
+                artifact = store.read_artifact(ref["uri"].removesuffix("/" + CHECKPOINT), storage_options)
+                store.write_json(str(base / store.MANIFEST), artifact.manifest)
+            else:  # from outside the store: the files its digest covers
+                checkpoint.mkdir(parents=True)
+                for f in adapters.digest_files(fetched):
+                    shutil.copy2(f, checkpoint / f.name)
+            depth += 1
         mlflow.pyfunc.save_model(str(path), loader_module=__name__, data_path=str(data), signature=signature(),
                                  pip_requirements=pip_requirements())
     return Path(path)
+
+
+def load_checkpoint(data_path: str | os.PathLike) -> adapters.Checkpoint:
+    """The model under `data_path`, every file checked: the policy's against its manifest, each base
+    against its own manifest and the digest its adapter names."""
+    data = Path(data_path).resolve()
+
+    def local_base(ref: dict, depth: int) -> Path:
+        base = data / f"base-{depth}"
+        if not adapters.is_store_ref(ref):
+            if adapters.external_digest(base / CHECKPOINT) != ref["digest"]:
+                raise store.ArtifactError(f"{base / CHECKPOINT}: not the base model the adapter names ({ref['uri']})")
+            return base / CHECKPOINT
+        checked = verify_checkpoint(base)
+        if store.manifest_digest(store.read_json(str(base / store.MANIFEST))) != ref["digest"]:
+            raise store.ArtifactError(f"{base / store.MANIFEST}: not the base model the adapter names ({ref['uri']})")
+        return checked
+
+    return adapters.resolve(verify_checkpoint(data), local_base)
 
 
 def verify_checkpoint(data_path: str | os.PathLike) -> Path:
@@ -76,10 +115,10 @@ def verify_checkpoint(data_path: str | os.PathLike) -> Path:
 class PolicyModel:
     """Completions from a verified checkpoint, through the generation backend the evaluate stage uses."""
 
-    def __init__(self, checkpoint_dir: str | os.PathLike):
+    def __init__(self, checkpoint: adapters.Checkpoint):
         from .generation import HFBackend
 
-        self.backend = HFBackend(str(checkpoint_dir))
+        self.backend = HFBackend(str(checkpoint.base_dir), adapter_dirs=tuple(map(str, checkpoint.adapter_dirs)))
 
     def predict(self, model_input, params: dict | None = None) -> list[str]:
         from .generation import Request
@@ -127,5 +166,5 @@ def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 def _load_pyfunc(data_path: str) -> PolicyModel:
     """MLflow's entry point (the MLmodel's loader_module): verify, then load."""
-    return PolicyModel(verify_checkpoint(data_path))
+    return PolicyModel(load_checkpoint(data_path))
 

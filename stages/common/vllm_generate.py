@@ -50,6 +50,11 @@ def _prompt_seed(seed: int, prompt_index: int) -> int:
     return int.from_bytes(digest[:4], "little") >> 2  # < 2**30: seed + k stays < 2**31
 
 
+def _vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds `rank`."""
+    return next(size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= rank)
+
+
 @dataclass
 class VLLMInProcess(Backend):
     """The engine over a `save_pretrained` directory, in this process, started by the first request (its
@@ -58,6 +63,8 @@ class VLLMInProcess(Backend):
     model_dir: str
     device: str = "cpu"  # "cuda": bf16, else fp32
     tensor_parallel_size: int = 1  # > 1: over the job's ranks, through vLLM's external_launcher
+    lora_dir: str | None = None  # a LoRA adapter on the model of model_dir: every request goes through it
+    max_lora_rank: int = 0  # the adapter's rank (vLLM rounds it up to a size it supports)
 
     name = "vllm"
     llm = None
@@ -90,16 +97,23 @@ class VLLMInProcess(Backend):
                            # Logprobs after temperature and top-p: the distribution the token was sampled
                            # from (vLLM's default is log_softmax(logits) before temperature).
                            logprobs_mode="processed_logprobs",
-                           **({"distributed_executor_backend": "external_launcher"} if tp > 1 else {}))
+                           **({"distributed_executor_backend": "external_launcher"} if tp > 1 else {}),
+                           **({"enable_lora": True, "max_loras": 1, "max_lora_rank": _vllm_lora_rank(self.max_lora_rank)}
+                              if self.lora_dir else {}))
             self.engine_start_s = time.perf_counter() - started
         n_engine = 1 if r.greedy else r.n  # vLLM refuses n > 1 greedy: one sample, repeated
         params = [SamplingParams(n=n_engine, temperature=0.0 if r.greedy else r.temperature, top_p=r.top_p,
                                  max_tokens=r.max_new_tokens, seed=_prompt_seed(r.seed, i),
                                  stop_token_ids=list(r.stop_token_ids) or None, logprobs=0)  # the sampled token's
                   for i in range(len(r.prompt_token_ids))]
+        lora = None
+        if self.lora_dir:  # one adapter per job (a round's policy), named by its directory
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest("policy", 1, os.path.abspath(self.lora_dir))
         try:
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in r.prompt_token_ids],
-                                        params, use_tqdm=False)  # in prompt order
+                                        params, use_tqdm=False, lora_request=lora)  # in prompt order
         except VLLMValidationError as err:  # e.g. a prompt longer than the model's context
             raise BadRequest(f"vLLM rejected the request: {err}") from err
         result = []
@@ -141,7 +155,8 @@ class VLLMSubprocess(VLLMInProcess):
 
     def generate(self, request: Request) -> list[list[Sample]]:
         engine = {f.name: getattr(self, f.name) for f in fields(VLLMInProcess)}
-        job = {"engine": {**engine, "model_dir": os.path.abspath(self.model_dir)}, "request": asdict(request)}
+        job = {"engine": {**engine, "model_dir": os.path.abspath(self.model_dir),
+                          "lora_dir": self.lora_dir and os.path.abspath(self.lora_dir)}, "request": asdict(request)}
         # Neither this environment nor the torchrun job's may leak into the child: the engine would
         # join the job's process group, and the job's OMP_NUM_THREADS=1 would starve vLLM's CPU worker.
         env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED and not k.startswith("TORCHELASTIC_")}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
+import tempfile
 from pathlib import Path
 
-from stages.common import store
+from stages.common import adapters, store
 from tasks import tracking as mlf
 from tasks.config import PipelineConfig
 
@@ -90,7 +91,8 @@ def checkpoint_artifact(source: str, storage_options: dict | None = None, digest
 def champion_checkpoint(tracking_uri: str, name: str, dst: str | os.PathLike,
                         storage_options: dict | None = None, alias: str = CHAMPION) -> Path:
     """`models:/<name>@champion` as a `from_pretrained` directory in `dst`: hash-checked from the store
-    (s3:// endpoint: $MLFLOW_S3_ENDPOINT_URL, unless `storage_options`), else MLflow's download."""
+    (s3:// endpoint: $MLFLOW_S3_ENDPOINT_URL, unless `storage_options`), else MLflow's download. A LoRA
+    policy comes merged with the base(s) its adapter names: full weights, loadable without peft."""
     mv = mlf.client(tracking_uri).get_model_version_by_alias(name, alias)
     source = checkpoint_uri(mv)
     if storage_options is None:
@@ -102,7 +104,12 @@ def champion_checkpoint(tracking_uri: str, name: str, dst: str | os.PathLike,
         # The resolved source, not `models:/...`: that would resolve through the default registry URI.
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst),
                                                         tracking_uri=tracking_uri))
-    return store.download_dir(art, CHECKPOINT, dst, storage_options)
+    if not any(e.path == f"{CHECKPOINT}/{adapters.ADAPTER_CONFIG}" for e in art.files_under(CHECKPOINT)):
+        return store.download_dir(art, CHECKPOINT, dst, storage_options)
+    with tempfile.TemporaryDirectory(prefix="alignflow-champion-") as tmp:  # LoRA: merged with its base(s)
+        adapter = store.download_dir(art, CHECKPOINT, tmp, storage_options)
+        checkpoint = adapters.resolve(adapter, adapters.store_fetcher(Path(tmp) / "bases", storage_options))
+        return adapters.merged_dir(checkpoint, Path(dst) / CHECKPOINT)
 
 
 def start_promotion_run(cfg: PipelineConfig, run_name: str, *, parent_run_id: str | None = None,
