@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from stages.common import runtime
-from stages.common.adapters import (Checkpoint, add_adapter, external_dir, external_ref, load_frozen_base,
+from stages.common.adapters import (Checkpoint, add_adapter, external_digest, external_dir, load_frozen_base,
                                     save_adapter, trainable_adapter)
 from stages.common.engine import full_parameters, make_engine
 from stages.common.resume import Resumer, Trained
@@ -50,7 +50,8 @@ def model_to_train(ctx: StageContext[SFTParams], resume_dir):
         return model, tokenizer, lambda m, d: save_checkpoint(m, tokenizer, d)
     path, trust = str(model_cfg.name_or_path), model_cfg.trust_remote_code  # ModelConfig: lora on sft needs one
     try:
-        base_ref, base_dir = external_ref(path), external_dir(path)
+        base_dir = external_dir(path)
+        base_ref = {"uri": path, "digest": external_digest(base_dir)}
     except (OSError, ValueError) as err:
         raise BadInput(f"sft: model.name_or_path {path!r}: {err}") from None
     tokenizer = load_tokenizer(base_dir, trust)

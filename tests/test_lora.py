@@ -130,7 +130,7 @@ def test_lora_update_jobs_load_the_base_weights_once(lora_run):
         assert sum(f.endswith("adapter_model.safetensors") for f in files) in (1, 2)  # SFT's (+ the round's)
 
 
-def test_registered_lora_policy_loads_as_a_full_model(lora_run, tmp_path):
+def test_registered_lora_policy_loads_as_a_full_model(lora_run, tmp_path, monkeypatch):
     import mlflow.pyfunc
     from mlflow.tracking import MlflowClient
 
@@ -142,7 +142,8 @@ def test_registered_lora_policy_loads_as_a_full_model(lora_run, tmp_path):
     mv = MlflowClient(cfg.tracking_uri()).get_model_version(s["registered_model"], s["model_version"])
     assert mv.tags["adapter_base_uri"] == adapters.artifact_ref(arts["sft"])["uri"]
     # The MLflow model carries the adapter and both bases; it loads and predicts like the evaluate stage.
-    mlflow.set_tracking_uri(cfg.tracking_uri())
+    # Through the environment, not mlflow.set_tracking_uri: a global URI would outlive this test.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking_uri())
     model = mlflow.pyfunc.load_model(f"models:/{s['registered_model']}/{s['model_version']}")
     completions = model.predict(["12+34=", "07+45="], params={"max_new_tokens": 5})
     assert len(completions) == 2 and all(isinstance(c, str) for c in completions)

@@ -99,10 +99,6 @@ def external_digest(model_dir: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def external_ref(name_or_path: str) -> dict:
-    return {"uri": name_or_path, "digest": external_digest(external_dir(name_or_path))}
-
-
 # --- resolving a checkpoint's chain --------------------------------------------------------
 
 def resolve(checkpoint_dir: Path, fetch_base: Callable[[dict, int], Path]) -> Checkpoint:
@@ -128,9 +124,10 @@ def store_fetcher(dest: Path, storage_options: dict | None = None) -> Callable[[
         uri, digest = ref["uri"], ref["digest"]
         if not is_store_ref(ref):
             local = external_dir(uri)
-            if external_digest(local) != digest:
+            found = external_digest(local)  # hashes every weight file: once
+            if found != digest:
                 raise BaseMismatch(f"base model {uri}: its files changed since the adapter was trained on them "
-                                   f"(digest {external_digest(local)[:12]}, the adapter's base is {digest[:12]})")
+                                   f"(digest {found[:12]}, the adapter's base is {digest[:12]})")
             return local
         artifact = store.read_artifact(uri.removesuffix("/" + CHECKPOINT), storage_options)
         if artifact.digest != digest:
@@ -182,6 +179,15 @@ def merged_dir(checkpoint: Checkpoint, dest: Path, trust_remote_code: bool = Fal
     return dest
 
 
+def scratch_merged(checkpoint: Checkpoint, workdir: Path, trust_remote_code: bool = False) -> Path:
+    """`merged_dir` in the job's scratch folder, one folder per chain: a job that needs the same merged
+    model twice (score's reward and value models from one reward model) merges it once."""
+    if not checkpoint.is_adapter:
+        return checkpoint.base_dir
+    dest = workdir / "merged" / hashlib.sha256(str(checkpoint.dir).encode()).hexdigest()[:12]
+    return dest if (dest / "model.safetensors").is_file() else merged_dir(checkpoint, dest, trust_remote_code)
+
+
 def adapter_task(adapter_dir: str | os.PathLike) -> str:
     """peft's task type of an adapter: CAUSAL_LM (a policy) or SEQ_CLS (a reward model)."""
     return json.loads(Path(adapter_dir, ADAPTER_CONFIG).read_text()).get("task_type") or "CAUSAL_LM"
@@ -194,9 +200,9 @@ def load_reward(checkpoint: Checkpoint, workdir: Path, trust_remote_code: bool =
     from .models import load_reward_model
 
     if checkpoint.is_adapter and adapter_task(checkpoint.dir) == "SEQ_CLS":
-        base = merged_dir(checkpoint.without_last_adapter(), workdir / "reward-base", trust_remote_code)
+        base = scratch_merged(checkpoint.without_last_adapter(), workdir, trust_remote_code)
         return merge_adapters(load_reward_model(base, trust_remote_code), checkpoint.adapter_dirs[-1:])
-    full = merged_dir(checkpoint, workdir / "reward-base", trust_remote_code)
+    full = scratch_merged(checkpoint, workdir, trust_remote_code)
     return load_reward_model(full, trust_remote_code, init_head=init_head)
 
 
@@ -205,7 +211,7 @@ def load_frozen_base(checkpoint: Checkpoint, lora, trust_remote_code: bool, devi
     """The base an adapter trains on, loaded once and frozen: merged from its chain, or with
     model.lora.load_in_4bit quantized to 4 bits (QLoRA; a CUDA device only)."""
     if lora is not None and lora.load_in_4bit:
-        return load_4bit(merged_dir(checkpoint, workdir / "base-merged", trust_remote_code), trust_remote_code,
+        return load_4bit(scratch_merged(checkpoint, workdir, trust_remote_code), trust_remote_code,
                          device, task_type)
     model = load_policy(checkpoint, trust_remote_code) if task_type == "CAUSAL_LM" else \
         load_reward(checkpoint, workdir, trust_remote_code, init_head=True)

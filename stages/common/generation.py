@@ -153,12 +153,12 @@ def make_backend(cfg: GenerateConfig, checkpoint: Checkpoint, device: torch.devi
     if choice == "hf":
         return HFBackend(str(checkpoint.base_dir), str(device), trust_remote_code, cfg.batch_size, cfg.chunk_prompts,
                          tuple(str(d) for d in checkpoint.adapter_dirs))
-    from .adapters import lora_rank, merged_dir
+    from .adapters import lora_rank, scratch_merged
     from .vllm_generate import VLLMInProcess, VLLMSubprocess
 
     engine = {"model_dir": str(checkpoint.base_dir), "device": device.type,
               "tensor_parallel_size": cfg.tensor_parallel_size}
     if checkpoint.is_adapter:  # vLLM applies one adapter: the ones below it are merged into its base
-        base = merged_dir(checkpoint.without_last_adapter(), workdir / "vllm-base", trust_remote_code)
+        base = scratch_merged(checkpoint.without_last_adapter(), workdir, trust_remote_code)
         engine.update(model_dir=str(base), lora_dir=str(checkpoint.dir), max_lora_rank=lora_rank(checkpoint.dir))
     return VLLMInProcess(**engine) if has_vllm else VLLMSubprocess(**engine)
