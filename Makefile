@@ -37,7 +37,7 @@ setup-system:
 	scripts/install_browser.sh
 
 test: setup setup-vllm setup-system
-	ALIGNFLOW_REQUIRE_VLLM=1 ALIGNFLOW_REQUIRE_SLURM=1 ALIGNFLOW_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests
+	ALIGNFLOW_REQUIRE_VLLM=1 ALIGNFLOW_REQUIRE_SLURM=1 ALIGNFLOW_REQUIRE_BROWSER=1 $(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf .alignflow

@@ -5,7 +5,8 @@
     .venv/bin/python bench/algorithms.py --algorithms grpo,ppo --rounds 4
 
 Each algorithm runs `flows.alignment.alignment` on its config (ppo with the reward model's
-reward; grpo, dr_grpo, rloo and reinforce_pp with the verifier's) against one shared store:
+reward; grpo, dr_grpo, rloo, reinforce_pp and grpo_lora, GRPO training a LoRA adapter, with the
+verifier's) against one shared store:
 data_prep, sft, reward_model and evaluate[sft] have the same keys in every config, so they run
 once (a warm-up flow with 0 rounds, before any algorithm is timed) and every algorithm starts
 from the same SFT policy and reward model. Round 0's rollouts are the same too (same policy, same
@@ -34,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from bench._common import write_results  # noqa: E402
 
-ALGORITHMS = ["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "dpo"]  # dpo: configs/dpo.yaml, no RL rounds
+ALGORITHMS = ["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "grpo_lora", "dpo"]  # dpo: no RL rounds
 # What the small config takes from the tests (sizes), not from the algorithm's config.
 SIZE_KEYS = {"rounds", "prompts_per_round", "samples_per_prompt", "max_new_tokens", "epochs", "minibatch_size", "lr"}
 
@@ -50,6 +51,8 @@ def bench_config(algorithm: str, small: bool, workdir: Path) -> dict:
         base = small_config(workdir)
         base["rl"].update({k: v for k, v in cfg.get("rl", {}).items() if k not in SIZE_KEYS})
         base.update({k: cfg[k] for k in ("method", "dpo") if k in cfg})
+        if "lora" in cfg["model"]:  # grpo_lora: the adapter on the small model
+            base["model"]["lora"] = cfg["model"]["lora"]
         if base["rl"].get("overlong_buffer", 0) >= base["rl"]["max_new_tokens"]:
             base["rl"]["overlong_buffer"] = 0
         # The small SFT policy is rarely right, so dynamic sampling would drop every group of the

