@@ -63,6 +63,7 @@ def run(ctx: StageContext[RewardModelParams]) -> dict:
     sft = fetch_checkpoint(ctx, "sft")
     tokenizer = load_tokenizer(sft.dir, p.model.trust_remote_code)
     resumer = Resumer(ctx, cfg.save_every, cfg.steps)
+    torch.manual_seed(p.seed)  # the new scalar head (or adapter) is drawn from torch's global generator
     model, save_model = model_to_train(ctx, sft, resumer.model_dir(), tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
 

@@ -117,6 +117,16 @@ def rl_inputs(tmp_path_factory):
     return cfg, {"data": data, "sft": sft, "reward_model": rm}
 
 
+def test_reward_model_is_the_same_every_time(rl_inputs):
+    """Same spec, same weights: the new scalar head starts from the seed, not from whatever torch's global
+    generator holds (a nightly rerun that retrains it must give the same rewards)."""
+    cfg, up = rl_inputs
+    again = run_stage(cfg, "reward_model", "rm-again", {"data": up["data"], "sft": up["sft"]}, [])
+    first, second = store.read_artifact(up["reward_model"]), store.read_artifact(again)
+    assert first.file("checkpoint/model.safetensors").sha256 == second.file("checkpoint/model.safetensors").sha256
+    assert first.metrics["eval_accuracy"] == second.metrics["eval_accuracy"]
+
+
 def rollout_rows(uri: str) -> tuple[list[str], list[dict]]:
     art = store.read_artifact(uri)
     files = [f.path for f in art.files_under("rollouts")]
