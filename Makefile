@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 
-.PHONY: setup setup-vllm setup-system run test clean services-up services-down
+.PHONY: setup setup-vllm setup-system run run-chat test clean services-up services-down
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,12 @@ setup-vllm: .venv-vllm/.installed
 
 run: setup
 	$(VENV)/bin/alignflow run configs/tiny.yaml --summary-out .alignflow/summary.json
+
+# The chat demo: GSM8K-format word problems, a tiny Qwen2 with a chat template, one file per role
+# (all built here by scripts/tiny_chat.py, nothing downloaded).
+run-chat: setup
+	$(PY) scripts/tiny_chat.py --out .alignflow/tiny-chat
+	$(VENV)/bin/alignflow run configs/tiny-chat.yaml --summary-out .alignflow/summary-chat.json
 
 # The system packages the tests use: Slurm (a 2-node cluster on loopback) and headless Chromium.
 setup-system:

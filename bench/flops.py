@@ -58,7 +58,8 @@ def plain_torch_sft(tiny: dict, batch: int, steps: int, threads: int) -> dict:
     import torch
 
     from stages.common.models import build_tiny_model, encode_prompts, encode_responses, pack_right, train_char_tokenizer
-    from stages.common.sections import SyntheticDataConfig, TinyModelConfig
+    from stages.common.data_config import SyntheticDataConfig
+    from stages.common.sections import TinyModelConfig
     from stages.data_prep import synthetic_addition
 
     torch.set_num_threads(threads)

@@ -70,7 +70,7 @@ def build_checkpoints(workdir: Path, sft_steps: int, seed: int = 0) -> tuple[Pat
         opt.zero_grad()
     trained = workdir / "trained"
     save_checkpoint(model, tok, trained)
-    return trained, untrained, tables["rl_prompts"]
+    return trained, untrained, tables["prompts"]
 
 
 def naive_generate(model, prompt_ids, n, max_new_tokens, temperature, eos, seed):

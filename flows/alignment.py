@@ -22,7 +22,7 @@ from prefect.context import get_run_context
 
 from flows.promote import promote_policy
 from tasks.config import check_machines, load_config
-from stages.data_prep import check_local_source
+from stages.common.role_datasets import check_local_datasets
 from tasks import report
 from tasks import tracking as mlf
 from tasks.gc import record_run
@@ -85,8 +85,7 @@ def alignment(config_path: str = "configs/tiny.yaml", rounds: int | None = None,
     logger = get_run_logger()
     cfg = load_config(config_path)
     check_machines(cfg)  # e.g. QLoRA on a machine without a GPU: refused before any job starts
-    if cfg.data.source == "hf":  # a bad local dataset fails here, before any job starts
-        check_local_source(cfg.data.hf)
+    check_local_datasets(cfg.data)  # a bad local dataset fails here, before any job starts
     rounds = cfg.rl_rounds(rounds)
     flow_run = get_run_context().flow_run
     tracking = mlf.start_pipeline_run(cfg, str(flow_run.id), flow_run.name, rounds)

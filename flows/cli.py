@@ -58,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "gc":
         return _gc(args)
+    from stages.common.role_datasets import check_local_datasets
+    from stages.common.runtime import BadInput
+
+    try:  # a bad local dataset: named here, before Prefect starts (the flow checks again, for deployments)
+        check_local_datasets(cfg.data)
+    except BadInput as err:
+        print(f"alignflow: {err}", file=sys.stderr)
+        return 2
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

@@ -1,23 +1,25 @@
-"""data_prep: the datasets every later stage reads, as Parquet.
+"""data_prep: the datasets every later stage reads, as Parquet, rendered into token ids.
 
-Outputs
-    sft.parquet         prompt, response, correct      demonstrations (imperfect on purpose)
-    pairs.parquet       prompt, chosen, rejected       preference pairs for the reward model
-    rl_prompts.parquet  prompt_id, prompt, answer      prompts for RL rounds
-    eval.parquet        prompt_id, prompt, answer      held out: never trained on
-    tokenizer/          (tiny model only) a tokenizer trained on all of the above
+Outputs (the `*_ids` columns: the token ids every later stage reads, stages/common/chat.py)
+    sft.parquet         prompt, response, prompt_ids, response_ids         demonstrations
+    pairs.parquet       prompt, chosen, rejected, prompt_ids, chosen_ids, rejected_ids
+    rl_prompts.parquet  prompt_id, prompt, answer, prompt_ids              prompts for RL rounds
+    eval.parquet        prompt_id, prompt, answer, prompt_ids              held out: never trained on
+    tokenizer/          (tiny model only) a tokenizer trained on the rows
+Metrics  num_{file}, {role}_dropped and {role}_truncated (rows over data.max_*_tokens), demo_accuracy
 
 Synthetic (the default): two-digit addition, `07+45=` -> `052`, checked by exact match.
 The demonstrator drops the units carry in a fraction of carry cases, so SFT learns a
 systematic error that RL with the verifier can fix. Held-out prompts are operand pairs
 that never appear in training.
 
-HF: any `datasets.load_dataset` source (hub name or local parquet/jsonl) with a column
-mapping; pairs pair each demonstration with a copy whose final number is corrupted.
+Datasets (data.source: datasets): one dataset per role, read and checked by
+stages/common/role_datasets.py; prompts rendered with the model's tokenizer and chat template.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -25,9 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.common import runtime
+from stages.common.chat import RenderError, fit, render_prompt, render_response, uses_template
 from stages.common.params import DataPrepParams
-from stages.common.sections import HFDataConfig, SyntheticDataConfig
+from stages.common.role_datasets import load_role
+from stages.common.data_config import DataConfig, SyntheticDataConfig
 from stages.common.runtime import BadInput, StageContext, log
+
+FILES = {"sft": "sft", "preference": "pairs", "prompts": "rl_prompts", "eval": "eval"}  # role -> file name
+RESPONSES = {"sft": ("response",), "preference": ("chosen", "rejected"), "prompts": (), "eval": ()}
 
 
 def synthetic_addition(cfg: SyntheticDataConfig, seed: int) -> dict[str, list[dict]]:
@@ -69,7 +76,7 @@ def synthetic_addition(cfg: SyntheticDataConfig, seed: int) -> dict[str, list[di
 
     rl = [{"prompt_id": f"rl-{a:02d}-{b:02d}", "prompt": prompt(a, b), "answer": answer(a, b)} for a, b in train]
     ev = [{"prompt_id": f"eval-{a:02d}-{b:02d}", "prompt": prompt(a, b), "answer": answer(a, b)} for a, b in held_out]
-    return {"sft": sft, "pairs": pairs, "rl_prompts": rl, "eval": ev}
+    return {"sft": sft, "preference": pairs, "prompts": rl, "eval": ev}
 
 
 def corrupt_digit(text: str, rng: random.Random) -> str:
@@ -84,74 +91,47 @@ def corrupt_digit(text: str, rng: random.Random) -> str:
     return text[:start] + new + text[start + 1:]
 
 
-def check_local_source(cfg: HFDataConfig) -> None:
-    """Before any job starts: a local dataset file must exist, have the mapped columns and rows."""
-    path = cfg.path
-    if not path.endswith((".parquet", ".jsonl", ".json")):
-        return  # a hub dataset: checked by data_prep once downloaded
-    import os
-
-    if not os.path.isfile(path):
-        raise BadInput(f"data.hf.path: file not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise BadInput(f"data.hf.path: {path} has no rows")
-    if path.endswith(".parquet"):
-        meta = pq.ParquetFile(path).metadata
-        columns, rows = meta.schema.names, meta.num_rows
-    else:
-        import pyarrow.json as pj
-
-        table = pj.read_json(path)
-        columns, rows = table.column_names, table.num_rows
-    check_columns(cfg, columns)
-    if rows == 0:
-        raise BadInput(f"data.hf.path: {path} has no rows")
-
-
-def check_columns(cfg: HFDataConfig, columns: list[str]) -> None:
-    for col_key in ("prompt_column", "response_column", "answer_column"):
-        if getattr(cfg, col_key) not in columns:
-            raise BadInput(f"data.hf.{col_key}: column {getattr(cfg, col_key)!r} not in {cfg.path} (columns: {columns})")
+def render(role: str, rows: list[dict], tokenizer, chat: bool, data: DataConfig) -> tuple[list[dict], dict]:
+    """The rows with their token ids (`prompt_ids`, `{response}_ids`), fitted to data.max_*_tokens:
+    a row over either limit is dropped, or truncated, as data.overflow says; both are counted."""
+    out, dropped, truncated = [], 0, 0
+    for i, row in enumerate(rows):
+        try:
+            ids = {"prompt_ids": render_prompt(tokenizer, row["prompt"], chat)}
+        except RenderError as err:
+            raise BadInput(f"data.{role}: row {i}: {err}") from None
+        ids |= {f"{k}_ids": render_response(tokenizer, row[k]) for k in RESPONSES[role]}
+        limits = {k: data.max_prompt_tokens if k == "prompt_ids" else data.max_response_tokens for k in ids}
+        over = [k for k, v in ids.items() if len(v) > limits[k]]
+        if over and data.overflow == "drop":
+            dropped += 1
+            continue
+        if over:
+            truncated += 1
+            ids = {k: fit(v, limits[k], "end" if k == "prompt_ids" else "start") for k, v in ids.items()}
+        prompt = row["prompt"] if isinstance(row["prompt"], str) else json.dumps(row["prompt"])
+        out.append(row | {"prompt": prompt} | ids)
+    if not out:
+        raise BadInput(f"data.{role}: none of its {len(rows)} rows fits data.max_prompt_tokens="
+                       f"{data.max_prompt_tokens} and data.max_response_tokens={data.max_response_tokens}")
+    return out, {f"{role}_dropped": dropped, f"{role}_truncated": truncated}
 
 
-def hf_dataset(cfg: HFDataConfig, seed: int) -> dict[str, list[dict]]:
-    import datasets
+def tokenizer_for(ctx: StageContext[DataPrepParams], roles: dict[str, list[dict]]):
+    """The model's tokenizer; the tiny model's is trained here, on the rows' text."""
+    model = ctx.params.model
+    if model.tiny is not None:
+        from stages.common.models import train_char_tokenizer
 
-    path = cfg.path
-    check_local_source(cfg)
-    local_format = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
-    fmt = next((f for ext, f in local_format.items() if path.endswith(ext)), None)
-    try:
-        if fmt:
-            ds = datasets.load_dataset(fmt, data_files={"train": path}, split="train")
-            eval_ds = None
-        else:
-            ds = datasets.load_dataset(path, cfg.name, split=cfg.split)
-            eval_ds = datasets.load_dataset(path, cfg.name, split=cfg.eval_split) if cfg.eval_split else None
-    except FileNotFoundError as err:
-        raise BadInput(f"data.hf.path: {err}") from None
-    check_columns(cfg, ds.column_names)
-    if len(ds) == 0:
-        raise BadInput(f"data.hf.path: {path} has no rows")
-    ds = ds.shuffle(seed=seed)
-    if eval_ds is None:
-        if len(ds) <= cfg.num_eval:
-            raise BadInput(f"data.hf.num_eval={cfg.num_eval}: {path} has only {len(ds)} rows")
-        eval_ds, ds = ds.select(range(cfg.num_eval)), ds.select(range(cfg.num_eval, len(ds)))
-    rng = random.Random(seed)
+        texts = [str(r["prompt"]) + r["response"] for r in roles["sft"]] + \
+            [str(r["prompt"]) + r["answer"] for r in roles["eval"]]
+        tokenizer = train_char_tokenizer(texts)
+        tokenizer.save_pretrained(str(ctx.out_path("tokenizer")))
+        ctx.save_dir("tokenizer")
+        return tokenizer
+    from stages.common.models import load_tokenizer
 
-    def fmt_prompt(row):
-        return cfg.prompt_template.format(prompt=row[cfg.prompt_column])
-
-    sft, pairs, rl = [], [], []
-    for i, row in enumerate(ds):
-        p, resp, ans = fmt_prompt(row), str(row[cfg.response_column]), str(row[cfg.answer_column])
-        sft.append({"prompt": p, "response": resp, "correct": True})
-        pairs.append({"prompt": p, "chosen": resp, "rejected": corrupt_digit(resp, rng)})
-        rl.append({"prompt_id": f"rl-{i}", "prompt": p, "answer": ans})
-    ev = [{"prompt_id": f"eval-{i}", "prompt": fmt_prompt(r), "answer": str(r[cfg.answer_column])}
-          for i, r in enumerate(eval_ds)]
-    return {"sft": sft, "pairs": pairs, "rl_prompts": rl, "eval": ev}
+    return load_tokenizer(str(model.name_or_path), model.trust_remote_code)
 
 
 def run(ctx: StageContext[DataPrepParams]) -> dict:
@@ -159,24 +139,28 @@ def run(ctx: StageContext[DataPrepParams]) -> dict:
     if not ctx.is_main:  # nothing to split: one rank writes everything
         return {}
     if p.data.source == "synthetic":
-        tables = synthetic_addition(p.data.synthetic, p.seed)
+        roles = synthetic_addition(p.data.synthetic, p.seed)
     else:
-        assert p.data.hf is not None  # DataConfig requires the section with source: hf
-        tables = hf_dataset(p.data.hf, p.seed)
-    for name, rows in tables.items():
-        if not rows:
-            raise BadInput(f"data_prep: the {name} split is empty")
-        pq.write_table(pa.Table.from_pylist(rows), ctx.out_path(f"{name}.parquet"))
-        ctx.save(f"{name}.parquet")
-    if p.model.tiny is not None:
-        from stages.common.models import train_char_tokenizer
-
-        texts = [r["prompt"] + r["response"] for r in tables["sft"]] + [r["prompt"] + r["answer"] for r in tables["eval"]]
-        train_char_tokenizer(texts).save_pretrained(str(ctx.out_path("tokenizer")))
-        ctx.save_dir("tokenizer")
-    sft_acc = sum(r["correct"] for r in tables["sft"]) / len(tables["sft"])
-    log(f"data_prep: {', '.join(f'{k}={len(v)}' for k, v in tables.items())}; demonstrations correct {sft_acc:.1%}")
-    return {f"num_{k}": len(v) for k, v in tables.items()} | {"demo_accuracy": sft_acc}
+        roles = {role: load_role(role, ds, p.data) for role, ds in p.data.datasets().items()}
+    tokenizer = tokenizer_for(ctx, roles)
+    try:
+        chat = uses_template(tokenizer, p.model.chat_template, p.model.name_or_path or "model.tiny")
+    except RenderError as err:
+        raise BadInput(str(err)) from None
+    metrics: dict = {"chat_template": chat}
+    for role, rows in roles.items():
+        table, counts = render(role, rows, tokenizer, chat, p.data)
+        name = f"{FILES[role]}.parquet"
+        pq.write_table(pa.Table.from_pylist(table), ctx.out_path(name))
+        ctx.save(name)
+        metrics |= counts | {f"num_{FILES[role]}": len(table)}
+        if counts[f"{role}_dropped"] or counts[f"{role}_truncated"]:
+            log(f"data_prep: data.{role}: {counts[f'{role}_dropped']} rows dropped, {counts[f'{role}_truncated']} "
+                f"truncated (over data.max_prompt_tokens or data.max_response_tokens)")
+    if "correct" in roles["sft"][0]:  # the synthetic demonstrator knows which of its answers are right
+        metrics["demo_accuracy"] = sum(r["correct"] for r in roles["sft"]) / len(roles["sft"])
+    log(f"data_prep: {', '.join(f'{k}={v}' for k, v in metrics.items())}")
+    return metrics
 
 
 if __name__ == "__main__":

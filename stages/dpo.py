@@ -24,7 +24,7 @@ from stages.common import runtime
 from stages.common.engine import full_parameters, make_engine
 from stages.common.losses import dpo_loss, sequence_logps
 from stages.common.adapters import fetch_checkpoint, load_policy
-from stages.common.models import (encode_prompts, encode_responses, load_causal_lm, load_tokenizer, pack_right,
+from stages.common.models import (load_causal_lm, load_tokenizer, pack_right,
                                   save_checkpoint, token_logprobs)
 from stages.common.params import DPOParams
 from stages.common.resume import Resumer, Trained
@@ -33,8 +33,8 @@ from stages.common.runtime import BadInput, StageContext, log
 
 def pair_logps(model, tokenizer, rows: list[dict], device, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(chosen | prompt) and log p(rejected | prompt) [pairs], in one forward pass."""
-    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
-    responses = encode_responses(tokenizer, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    prompts = [r["prompt_ids"] for r in rows]
+    responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
     ids, attn, mask = pack_right(prompts + prompts, responses, tokenizer.pad_token_id)
     logps = sequence_logps(token_logprobs(model, ids.to(device), attn.to(device)), mask.to(device), average)
     return logps[: len(rows)], logps[len(rows):]

@@ -17,7 +17,7 @@ import torch
 from stages.common import runtime
 from stages.common.generation import HFBackend, Request
 from stages.common.adapters import fetch_checkpoint, load_reward
-from stages.common.models import encode_prompts, pack_right
+from stages.common.models import pack_right
 from stages.common.params import EvaluateParams
 from stages.common.runtime import BadInput, StageContext, log
 from stages.common.verifier import VERIFIERS
@@ -35,7 +35,7 @@ def run(ctx: StageContext[EvaluateParams]) -> dict:
     policy = HFBackend(str(checkpoint.base_dir), str(ctx.device), trust_remote_code=trust,
                        batch_size=p.evaluate.batch_size, adapter_dirs=tuple(map(str, checkpoint.adapter_dirs)))
     tokenizer = policy.tokenizer
-    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in mine])
+    prompt_ids = [r["prompt_ids"] for r in mine]  # rendered by data_prep, as generate's are
     samples = policy.generate(Request(prompt_ids, n=1, temperature=1.0, top_p=1.0, greedy=True,
                                       max_new_tokens=p.evaluate.max_new_tokens, seed=0))
     responses = [g[0] for g in samples]

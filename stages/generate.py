@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from stages.common import runtime, store
 from stages.common.adapters import fetch_checkpoint
 from stages.common.generation import Backend, BadRequest, Request, make_backend
-from stages.common.models import encode_prompts, load_tokenizer
+from stages.common.models import load_tokenizer
 from stages.common.params import GenerateParams
 from stages.common.rollouts import write_table
 from stages.common.runtime import BadInput, StageContext, log
@@ -75,7 +75,7 @@ class ChunkLog:
 
 
 def sample_rows(backend: Backend, tokenizer, prompts: list[dict], p: GenerateParams, seed: int, policy: str):
-    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in prompts])
+    prompt_ids = [r["prompt_ids"] for r in prompts]  # rendered by data_prep (stages/common/chat.py)
     try:
         groups = backend.generate(Request(prompt_ids, n=p.rl.samples_per_prompt, temperature=p.rl.temperature,
                                           top_p=p.rl.top_p, max_new_tokens=p.rl.max_new_tokens, seed=seed,

@@ -22,15 +22,15 @@ from stages.common.adapters import (Checkpoint, add_adapter, artifact_ref, fetch
 from stages.common.engine import full_parameters, make_engine
 from stages.common.losses import bradley_terry_loss
 from stages.common.resume import Resumer, Trained
-from stages.common.models import encode_prompts, encode_responses, load_reward_model, load_tokenizer, pack_right, save_checkpoint
+from stages.common.models import load_reward_model, load_tokenizer, pack_right, save_checkpoint
 from stages.common.params import RewardModelParams
 from stages.common.runtime import BadInput, StageContext, log
 
 
 def pair_rewards(model, tokenizer, rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of chosen and rejected responses, in one forward pass."""
-    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
-    responses = encode_responses(tokenizer, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    prompts = [r["prompt_ids"] for r in rows]  # rendered by data_prep: the whole conversation is scored
+    responses = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
     ids, attn, _ = pack_right(prompts + prompts, responses, tokenizer.pad_token_id)
     rewards = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.squeeze(-1).float()
     return rewards[: len(rows)], rewards[len(rows):]

@@ -24,7 +24,7 @@ from stages.common.adapters import (Checkpoint, add_adapter, external_digest, ex
                                     save_adapter, trainable_adapter)
 from stages.common.engine import full_parameters, make_engine
 from stages.common.resume import Resumer, Trained
-from stages.common.models import (build_tiny_model, encode_prompts, encode_responses, load_causal_lm,
+from stages.common.models import (build_tiny_model, load_causal_lm,
                                   load_tokenizer, pack_right, save_checkpoint)
 from stages.common.params import SFTParams
 from stages.common.runtime import BadInput, StageContext, log
@@ -67,8 +67,8 @@ def run(ctx: StageContext[SFTParams]) -> dict:
         raise BadInput("sft: sft.parquet is empty")
     resumer = Resumer(ctx, cfg.save_every, cfg.steps)
     model, tokenizer, save_model = model_to_train(ctx, resumer.model_dir())
-    prompts = encode_prompts(tokenizer, [r["prompt"] for r in table])
-    responses = encode_responses(tokenizer, [r["response"] for r in table])
+    # Rendered by data_prep (chat template included): the loss covers the response, the assistant's tokens.
+    prompts, responses = [r["prompt_ids"] for r in table], [r["response_ids"] for r in table]
 
     if cfg.batch_size % ctx.world_size:
         raise BadInput(f"sft.batch_size={cfg.batch_size} is not divisible by {ctx.world_size} ranks")

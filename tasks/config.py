@@ -18,7 +18,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from stages.common import store
-from stages.common.sections import (DataConfig, DPOConfig, EngineConfig, EvaluateConfig, GenerateConfig,
+from stages.common.data_config import DataConfig
+from stages.common.sections import (DPOConfig, EngineConfig, EvaluateConfig, GenerateConfig,
                                   ModelConfig, RewardModelConfig, RLConfig, SFTConfig, Strict)
 
 
@@ -149,7 +150,7 @@ class PipelineConfig(Strict):
     @property
     def verifier(self) -> str:
         """The reward of record's checker for score and evaluate: exact match on the synthetic task."""
-        return self.data.hf.verifier if self.data.source == "hf" else "exact"
+        return self.data.verifier if self.data.source == "datasets" else "exact"
 
 
 def check_machines(cfg: PipelineConfig) -> None:

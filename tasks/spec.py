@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from stages.common import store
 from stages.common.adapters import external_digest
 from stages.common.params import STAGE_PARAMS
+from stages.common.role_datasets import local_path
 from stages.common.sections import Strict
 from stages.common.runtime import StageSpec
 from tasks.config import PipelineConfig
@@ -89,13 +90,28 @@ def compute_key(stage: str, params: dict, input_digests: dict[str, str], code: s
 
 
 def external_inputs(stage: str, cfg: PipelineConfig) -> dict[str, str]:
-    """Digests of what a stage reads from outside the store: sft's pretrained base, when it is a local
-    directory (the digest its adapter records), so new weights at the same path make a new key. A hub
-    name is keyed by the name alone: hashing it would mean downloading it here."""
+    """Digests of what a stage reads from outside the store, so new contents at the same path make a new
+    key: data_prep's local dataset files and the local model's tokenizer (it renders with it); sft's
+    local pretrained base (the digest its adapter records). A hub name is keyed by the name alone:
+    hashing it would mean downloading it here."""
     base = cfg.model.name_or_path
-    if stage == "sft" and base is not None and Path(base).is_dir():
+    local_base = base is not None and Path(base).is_dir()
+    if stage == "data_prep":
+        digests = {f"data.{role}": store.sha256_file(local_path(ds))
+                   for role, ds in cfg.data.datasets().items() if ds.is_local and local_path(ds).is_file()}
+        return digests | ({"tokenizer": tokenizer_digest(base)} if local_base else {})
+    if stage == "sft" and local_base:
         return {"base_model": external_digest(base)}
     return {}
+
+
+def tokenizer_digest(model_dir: str) -> str:
+    """sha256 over a model directory's tokenizer files (vocabulary, merges, config, chat template)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(model_dir).iterdir()):
+        if p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")) and p.is_file():
+            h.update(p.name.encode() + b"\0" + store.sha256_file(p).encode() + b"\0")
+    return h.hexdigest()
 
 
 def stage_spec(stage: str, cfg: PipelineConfig, inputs: dict[str, store.Artifact],

@@ -4,6 +4,7 @@
 - `prefect_harness`: Prefect's real engine against a temporary embedded API/DB.
 - `tiny_config`: a builder for a small pipeline config (seconds per stage on 2 cores).
 - `slurm_cluster`: a real 2-node Slurm cluster on loopback (scripts/slurm_cluster.sh).
+- `tiny_chat`: the chat demo's files and tiny Qwen2 (scripts/tiny_chat.py), small, built once.
 """
 
 from __future__ import annotations
@@ -100,6 +101,14 @@ def slurm_cluster(tmp_path_factory):
     finally:
         subprocess.run([script, "down"], env=env, stdout=subprocess.DEVNULL)
         os.environ.pop("SLURM_CONF", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory) -> dict[str, Path]:
+    """{model, sft, preference, prompts, eval}: the public formats, a locally built Qwen2 and its template."""
+    from scripts.tiny_chat import build
+
+    return build(tmp_path_factory.mktemp("tiny-chat"), seed=0, num_sft=3000, num_pairs=3000, num_eval=200)
 
 
 def small_config(tmp_path: Path, **overrides) -> dict:

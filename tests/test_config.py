@@ -38,10 +38,18 @@ def test_model_source_exactly_one(tmp_path):
         parse_config(data)
 
 
-def test_hf_source_needs_section(tmp_path):
+def test_datasets_source_needs_every_role_and_known_fields(tmp_path):
     data = small_config(tmp_path)
-    data["data"] = {"source": "hf"}
-    with pytest.raises(ConfigError, match="data.hf section is missing"):
+    data["data"] = {"source": "datasets", "sft": {"path": "s.jsonl"}, "eval": {"path": "e.jsonl"}}
+    with pytest.raises(ConfigError, match="set data.preference, data.prompts"):
+        parse_config(data)
+    data["data"] = {"sft": {"path": "s.jsonl"}}
+    with pytest.raises(ConfigError, match="data.sft set, but data.source is 'synthetic'"):
+        parse_config(data)
+    roles = {r: {"path": f"{r}.jsonl"} for r in ("sft", "preference", "prompts", "eval")}
+    roles["prompts"]["columns"] = {"question": "q"}
+    data["data"] = {"source": "datasets", **roles}
+    with pytest.raises(ConfigError, match="data.prompts.columns: unknown field 'question'"):
         parse_config(data)
 
 

@@ -72,23 +72,50 @@ def test_divergence_fails_without_manifest_and_is_not_retried(tmp_path, prefect_
     assert store.try_read_artifact("file://" + str(next((tmp_path / "store" / "test-arith" / "data_prep").iterdir())))
 
 
-@pytest.mark.parametrize("case", ["missing_column", "empty", "missing_file"])
-def test_bad_dataset_fails_before_any_job(tmp_path, prefect_harness, case):
+def _role_files(tmp_path, case: str) -> dict:
+    """data.sft/preference/prompts/eval as local files in the public formats, one of them broken by `case`."""
+    def user(q):
+        return {"role": "user", "content": q}
+
+    def assistant(a):
+        return {"role": "assistant", "content": a}
+
+    q = [f"What is {i} plus 1?" for i in range(20)]
+    rows = {
+        "sft": [{"messages": [user(q[i]), assistant(f"#### {i + 1}")]} for i in range(20)],
+        "preference": [{"prompt": q[i], "chosen": [user(q[i]), assistant(f"#### {i + 1}")],
+                        "rejected": [user(q[i]), assistant(f"#### {i + 2}")]} for i in range(20)],
+        "prompts": [{"question": q[i], "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(20)],
+        "eval": [{"question": q[i], "answer": f"#### {i + 1}"} for i in range(5)],
+    }
+    if case == "empty":
+        rows["eval"] = []
+    if case == "no_assistant_turn":
+        rows["sft"][7]["messages"] = [user(q[7])]
+    if case == "chosen_is_rejected":
+        rows["preference"][3]["rejected"] = rows["preference"][3]["chosen"]
+    roles = {}
+    for role, role_rows in rows.items():
+        path = tmp_path / f"{role}.jsonl"
+        if not (case == "missing_file" and role == "prompts"):
+            path.write_text("".join(json.dumps(r) + "\n" for r in role_rows))
+        roles[role] = {"path": str(path)} | ({"columns": {"prompt": "question"}} if role in ("prompts", "eval") else {})
+    if case == "missing_column":
+        roles["prompts"]["columns"] = {"prompt": "question", "answer": "solution"}
+    return roles
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_column", r"data\.prompts \(.*prompts\.jsonl\): no column 'solution' \(data\.prompts\.columns\.answer\)"),
+    ("empty", r"data\.eval.path|data\.eval \(.*eval\.jsonl\): the file is empty"),
+    ("missing_file", r"data\.prompts\.path: file not found: .*prompts\.jsonl"),
+    ("no_assistant_turn", r"data\.sft \(.*sft\.jsonl\): row \d+: no assistant turn"),
+    ("chosen_is_rejected", r"data\.preference \(.*preference\.jsonl\): row \d+: chosen equals rejected"),
+])
+def test_bad_dataset_fails_before_any_job(tmp_path, prefect_harness, case, expected):
     from flows.alignment import alignment
 
-    data = tmp_path / "d.jsonl"
-    rows = [{"question": f"{i}+1=", "answer": str(i + 1)} for i in range(20)]
-    if case == "empty":
-        rows = []
-    if case != "missing_file":
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    hf = {"path": str(data), "prompt_column": "question", "response_column": "answer", "answer_column": "answer",
-          "num_eval": 5}
-    if case == "missing_column":
-        hf["response_column"] = "solution"
-    cfg_path = _config(tmp_path, **{"data.source": "hf", "data.hf": hf})
-    expected = {"missing_column": r"data\.hf\.response_column: column 'solution' not in",
-                "empty": "has no rows", "missing_file": "file not found"}[case]
+    cfg_path = _config(tmp_path, **{"data.source": "datasets", **{f"data.{r}": d for r, d in _role_files(tmp_path, case).items()}})
     with pytest.raises(Exception, match=expected):
         alignment(config_path=str(cfg_path))
     assert not (tmp_path / "store").exists(), "no job may start on a bad dataset"

@@ -21,18 +21,31 @@ if not os.access(DEFAULT_VLLM_PYTHON, os.X_OK):
     pytest.skip("no vLLM environment (scripts/setup_vllm_cpu.sh)", allow_module_level=True)
 
 
+def chat_config(tmp, tiny_chat, **overrides) -> dict:
+    """The small pipeline on the chat demo's files (scripts/tiny_chat.py): a tiny Qwen2 loaded with
+    from_pretrained, its ChatML template on, one dataset per role in the public formats."""
+    roles = {"sft": {"path": str(tiny_chat["sft"])}, "preference": {"path": str(tiny_chat["preference"])},
+             "prompts": {"path": str(tiny_chat["prompts"]), "columns": {"prompt": "question"}},
+             "eval": {"path": str(tiny_chat["eval"]), "columns": {"prompt": "question"}, "limit": 64}}
+    data = small_config(tmp, **{
+        "pipeline": "test-chat", "model": {"name_or_path": str(tiny_chat["model"]), "chat_template": True},
+        "data": {"source": "datasets", **roles, "max_prompt_tokens": 64, "max_response_tokens": 32},
+        # enough SFT and reward-model steps that the reward model ranks held-out pairs well above chance
+        "sft": {"steps": 500, "batch_size": 32, "lr": 0.002, "warmup_steps": 10, "log_every": 100},
+        "reward_model": {"steps": 150, "batch_size": 32, "lr": 0.001, "warmup_steps": 10, "log_every": 50},
+        "rl.max_new_tokens": 20, "evaluate.max_new_tokens": 20, **overrides})
+    return data
+
+
 @pytest.fixture(scope="module")
-def vllm_pipeline(tmp_path_factory, prefect_harness):
-    """One tiny pipeline run (1 round) that generates with vLLM and registers its policy."""
+def vllm_pipeline(tmp_path_factory, prefect_harness, tiny_chat):
+    """One pipeline run (1 round) on the chat demo's data and Qwen2, generating with vLLM; it registers its policy."""
     import yaml
 
     from flows.alignment import alignment
 
     tmp = tmp_path_factory.mktemp("vllm")
-    # vLLM's CPU attention kernels need head_dim >= 32 (the tiny default has 32).
-    data = small_config(tmp, **{"generate.backend": "vllm", "rl.temperature": 0.7,
-                                "model.tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2,
-                                               "intermediate_size": 128, "max_position_embeddings": 32}})
+    data = chat_config(tmp, tiny_chat, **{"generate.backend": "vllm", "rl.temperature": 0.7})
     cfg_path = tmp / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
     return tmp, data, alignment(config_path=str(cfg_path), rounds=1)
@@ -42,7 +55,11 @@ def test_pipeline_with_vllm_generation(vllm_pipeline, tmp_path):
     store_path, data, summary = vllm_pipeline
     assert summary["stages_launched"] == 4 + 3 + 1
 
-    [gen_dir] = (store_path / "store" / "test-arith" / "generate").iterdir()
+    # The reward model, trained on the UltraFeedback-format pairs, ranks held-out pairs well above chance.
+    [rm_dir] = (store_path / "store" / "test-chat" / "reward_model").iterdir()
+    assert store.read_artifact("file://" + str(rm_dir)).metrics["eval_accuracy"] >= 0.62  # 300 pairs; 0.71 here
+
+    [gen_dir] = (store_path / "store" / "test-chat" / "generate").iterdir()
     art = store.read_artifact("file://" + str(gen_dir))
     assert art.metrics["backend"] == "vllm"
     parts = [store.download(art, f.path, tmp_path / "dl") for f in art.files_under("rollouts")]
@@ -55,6 +72,19 @@ def test_pipeline_with_vllm_generation(vllm_pipeline, tmp_path):
     for r in rows:
         by_prompt.setdefault(r["prompt_id"], []).append(r["sample_idx"])
     assert all(sorted(v) == list(range(rl["samples_per_prompt"])) for v in by_prompt.values())
+
+    # The prompts the policy continued are the questions inside the chat template, as data_prep rendered them.
+    import pyarrow.parquet as pq
+
+    from stages.common.models import load_tokenizer
+
+    [data_dir] = (store_path / "store" / "test-chat" / "data_prep").iterdir()
+    questions = {r["prompt_id"]: r["prompt"] for r in pq.read_table(data_dir / "rl_prompts.parquet").to_pylist()}
+    tokenizer = load_tokenizer(data["model"]["name_or_path"])
+    for r in rows:
+        assert tokenizer.decode(r["prompt_token_ids"]) == \
+            f"<|im_start|>user\n{questions[r['prompt_id']]}<|im_end|>\n<|im_start|>assistant\n"
+    assert all(r["response_token_ids"][-1] == tokenizer.eos_token_id for r in rows if r["finish_reason"] == "stop")
 
     # The generator's logprobs are the ones the trainer computes (processed: logits / temperature).
     policy = store.read_artifact(art.manifest["inputs"]["policy"]["uri"])
@@ -79,7 +109,6 @@ def test_registered_champion_loads_in_vllm(vllm_pipeline, tmp_path, monkeypatch)
 
     from stages.common import serving
     from stages.common.generation import HFBackend, Request
-    from stages.common.models import encode_prompts
     from stages.common.vllm_generate import VLLMSubprocess
     from tasks import tracking as mlf
 
@@ -92,10 +121,11 @@ def test_registered_champion_loads_in_vllm(vllm_pipeline, tmp_path, monkeypatch)
     local = mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "champion"))
     checkpoint = serving.verify_checkpoint(f"{local}/data/{serving.DATA_DIR}")
 
-    [eval_dir] = (Path(data["storage"]["root"]) / "test-arith" / "data_prep").iterdir()
-    prompts = [r["prompt"] for r in pq.read_table(eval_dir / "eval.parquet").to_pylist()][:16]
+    [eval_dir] = (Path(data["storage"]["root"]) / "test-chat" / "data_prep").iterdir()
+    rows = pq.read_table(eval_dir / "eval.parquet").to_pylist()[:16]
+    prompts = [r["prompt"] for r in rows]  # the questions; the served model renders them as data_prep did
     transformers_greedy = HFBackend(str(checkpoint))
-    request = Request(encode_prompts(transformers_greedy.tokenizer, prompts), n=1, temperature=1.0, top_p=1.0,
+    request = Request([r["prompt_ids"] for r in rows], n=1, temperature=1.0, top_p=1.0,
                       max_new_tokens=5, seed=0, greedy=True)
     expected = [s[0] for s in transformers_greedy.generate(request)]
     got = [s[0] for s in VLLMSubprocess(model_dir=str(checkpoint)).generate(request)]  # vllm.LLM(model=checkpoint)

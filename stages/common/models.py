@@ -55,8 +55,9 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:  # many causal LMs ship without one
+    if tok.pad_token is None:  # many causal LMs ship without one; padding is masked out, any id will do
         tok.pad_token = tok.eos_token
+        print(f"tokenizer of {path}: no pad token, using EOS ({tok.eos_token!r})", flush=True)
     return tok
 
 

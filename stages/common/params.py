@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .sections import (AdapterOptions, DataConfig, DPOConfig, EngineConfig, EvaluateConfig, GenerateConfig, LoadOptions,
+from .data_config import DataConfig
+from .sections import (AdapterOptions, DPOConfig, EngineConfig, EvaluateConfig, GenerateConfig, LoadOptions,
                        ModelConfig, RewardModelConfig, RolloutConfig, ScoringConfig, SFTConfig, Strict, UpdateConfig)
 
 

@@ -1,6 +1,7 @@
 """The sections of the YAML that stages read, key by key, with their defaults (pydantic, torch-free).
 
-The pipeline config (tasks/config.py) is made of these sections; each stage's params model
+The pipeline config (tasks/config.py) is made of these sections (the `data` section is in
+stages/common/data_config.py); each stage's params model
 (stages/common/params.py) is made of them or of parts of them (`rl` is the union of what
 generate, score and update read).
 """
@@ -66,6 +67,8 @@ class ModelConfig(AdapterOptions):
     # Exactly one: a Hugging Face model name or local directory, or a tiny model spec.
     name_or_path: str | None = None
     tiny: TinyModelConfig | None = None
+    # Render prompts with the tokenizer's chat template (stages/common/chat.py). None: when it has one.
+    chat_template: bool | None = None
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -74,46 +77,6 @@ class ModelConfig(AdapterOptions):
         if self.lora is not None and "sft" in self.lora.stages and self.tiny is not None:
             raise ValueError("model.lora.stages includes sft, but model.tiny is built from scratch: an adapter "
                              "needs a pretrained base (model.name_or_path), or drop sft from model.lora.stages")
-        return self
-
-
-class SyntheticDataConfig(Strict):
-    """Two-digit addition with zero-padded operands: `07+45=` -> `052`.
-
-    The demonstrator drops the units carry in `teacher_carry_drop` of carry cases, so about
-    29% of SFT demonstrations are wrong in a systematic way that RL can fix.
-    """
-
-    num_sft: int = Field(20000, ge=1)
-    num_pairs: int = Field(6000, ge=1)
-    num_eval: int = Field(1000, ge=1)
-    teacher_carry_drop: float = Field(0.65, ge=0, le=1)
-
-
-class HFDataConfig(Strict):
-    """A Hugging Face dataset name, or a local .parquet/.jsonl/.json file, with a column mapping."""
-
-    path: str
-    name: str | None = None
-    split: str = "train"
-    eval_split: str | None = None  # None: hold out `num_eval` rows of `split`
-    num_eval: int = Field(500, ge=1)
-    prompt_column: str = "prompt"
-    response_column: str = "response"  # the demonstration used for SFT
-    answer_column: str = "answer"  # the reference answer the verifier checks
-    prompt_template: str = "{prompt}"
-    verifier: Literal["exact", "numeric"] = "numeric"
-
-
-class DataConfig(Strict):
-    source: Literal["synthetic", "hf"] = "synthetic"
-    synthetic: SyntheticDataConfig = SyntheticDataConfig()
-    hf: HFDataConfig | None = None
-
-    @model_validator(mode="after")
-    def _hf_needs_section(self):
-        if self.source == "hf" and self.hf is None:
-            raise ValueError("data.source is 'hf' but the data.hf section is missing")
         return self
 
 

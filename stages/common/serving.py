@@ -152,13 +152,16 @@ def _prompts(model_input) -> list[str]:
 
 
 def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids per prompt; a prompt the tokenizer cannot encode (e.g. a character the tiny one never saw) is named."""
-    from .models import encode_prompts
+    """Token ids per prompt, rendered as data_prep rendered the training prompts (with the chat template
+    when the tokenizer has one); a prompt the tokenizer cannot encode (e.g. a character the tiny one never
+    saw) is named."""
+    from .chat import render_prompt, uses_template
 
+    chat = uses_template(tokenizer, None, "the served model")
     ids = []
     for i, prompt in enumerate(prompts):
         try:
-            ids += encode_prompts(tokenizer, [prompt])
+            ids.append(render_prompt(tokenizer, prompt, chat))
         except Exception as err:  # the tokenizers library raises a bare Exception
             raise ValueError(f"model input: prompt {i} ({prompt[:50]!r}) cannot be tokenized: {err}") from None
     return ids
