@@ -27,7 +27,7 @@ class SyntheticDataConfig(Strict):
 
 Role = Literal["sft", "preference", "prompts", "eval"]
 ROLES: tuple[Role, ...] = ("sft", "preference", "prompts", "eval")
-# The fields each role reads, by the names of `columns`' keys (stages/data_prep.py's forms).
+# The fields each role reads, by the names of `columns`' keys (stages/common/role_datasets.py's forms).
 ROLE_FIELDS: dict[str, tuple[str, ...]] = {
     "sft": ("prompt", "response", "messages"),  # prompt + response, or messages (chat turns)
     "preference": ("prompt", "chosen", "rejected"),  # text, or message lists (no prompt needed)
