@@ -137,10 +137,12 @@ class JobResult:
 def run_stage_job(stage: str, cfg, inputs: dict[str, "JobResult"], *, round_idx: int | None = None,
                   nproc: int = 1, threads: int = 1, wrap: list[str] | None = None, quiet: bool = True,
                   extra_env: dict | None = None) -> JobResult:
-    """One stage as the pipeline's task launches it (minus Prefect/MLflow): key, spec, torchrun job,
-    manifest. Returns the artifact and the job's wall time (process start to exit)."""
+    """One stage as the pipeline's task launches it (minus Prefect/MLflow): key, spec, torchrun job
+    (forked from the warm job server, as `launch.warm_start` does; cold under `wrap`, a profiler),
+    manifest. Returns the artifact and the job's wall time (launch to exit)."""
     from stages.common import store
-    from tasks.launch import job_env, run_job, torchrun_command
+    from tasks import warm_jobs
+    from tasks.launch import PROJECT_ROOT, job_env, run_job, torchrun_command
     from tasks.spec import stage_spec
 
     spec = stage_spec(stage, cfg, {name: r.artifact for name, r in inputs.items()}, round_idx)
@@ -158,7 +160,9 @@ def run_stage_job(stage: str, cfg, inputs: dict[str, "JobResult"], *, round_idx:
             print(f"    [{stage}] {line}", flush=True)
 
     started = time.perf_counter()
-    run_job(cmd, timeout_s=1800, log_line=log_line, env=env)
+    start = None if wrap else (lambda env: warm_jobs.start_job(f"stages.{stage}", ["--spec", spec_uri], nproc,
+                                                                sys.executable, env, PROJECT_ROOT))
+    run_job(cmd, timeout_s=1800, log_line=log_line, env=env, start=start)
     wall = time.perf_counter() - started
     return JobResult(store.read_artifact(output), wall, log)
 

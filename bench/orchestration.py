@@ -144,6 +144,24 @@ def core_seconds(stage: str, metrics: dict) -> float | None:
     return None  # update, score, evaluate: no timed core in the manifest
 
 
+STARTUP_PHASES = {"first_step_s": "startup_s", "process_s": "startup_process_s", "setup_s": "startup_setup_s",
+                  "load_s": "startup_load_s"}
+TRAINING_STAGES = ("sft", "reward_model", "dpo", "update")
+
+
+def startup_table(stages: list[dict]) -> list[dict]:
+    """Median launch -> first step per phase, over the jobs that train and over those that do not."""
+    out = []
+    for what, group in (("training jobs", [r for r in stages if r["stage"].split("[")[0] in TRAINING_STAGES]),
+                        ("other jobs", [r for r in stages if r["stage"].split("[")[0] not in TRAINING_STAGES]),
+                        ("all jobs", stages)):
+        group = [r for r in group if r["first_step_s"] is not None]
+        if group:
+            out.append({"jobs": f"{what} ({len(group)})",
+                        **{f"median {k}": statistics.median(r[k] for r in group) for k in STARTUP_PHASES}})
+    return out
+
+
 def stage_table(store_root: Path) -> list[dict]:
     rows = []
     for manifest in sorted(store_root.rglob("_MANIFEST.json")):
@@ -160,7 +178,9 @@ def stage_table(store_root: Path) -> list[dict]:
         rows.append({"stage": label, "started": spec.stat().st_mtime if spec.exists() else 0,
                      "job_s (spec->manifest)": job_s, "stage_s": stage_s,
                      "core_s": core_seconds(m["stage"], metrics),
-                     "overhead_s": job_s - stage_s if job_s is not None and stage_s is not None else None})
+                     "overhead_s": job_s - stage_s if job_s is not None and stage_s is not None else None,
+                     # launch -> first step, by phase (stages/common/runtime.startup_metrics)
+                     **{name: metrics.get(key) for name, key in STARTUP_PHASES.items()}})
     rows.sort(key=lambda r: r["started"])
     for r in rows:
         del r["started"]
@@ -232,7 +252,7 @@ def main() -> None:
                        "seconds": s["wall_seconds"] / max(s["stage_compute_seconds"], 1e-9)})
         totals.append({"what": "ratio: cached rerun / fresh (command)",
                        "seconds": again["command_wall_s"] / first["command_wall_s"]})
-        result.update(fresh=first, cached=again, stages=stages, totals=totals)
+        result.update(fresh=first, cached=again, stages=stages, totals=totals, startup=startup_table(stages))
 
     backends = ["local", "slurm"] if args.slurm else ["local"]
     by_backend = job_overhead(nproc, threads, args.probe_repeats, backends)
@@ -258,6 +278,10 @@ def main() -> None:
         print(C.markdown_table(result["totals"], ["what", "seconds", "share of fresh flow"]))
         print("\n## Per stage (fresh run)\n")
         print(C.markdown_table(result["stages"]))
+        print("\n## Launch to first step, median over the fresh run's jobs, by phase\n")
+        print("process: launcher, interpreter, imports; setup: spec, process group; load: inputs, tokenizer, "
+              "models, engine\n")
+        print(C.markdown_table(result["startup"]))
         print()
     for backend, probe_result in result["probe"].items():
         print(f"## Per-job overhead, probe job on {backend} (torchrun --nproc_per_node {nproc}, {threads} thread(s) "

@@ -147,6 +147,7 @@ def run(ctx: StageContext[DataPrepParams]) -> dict:
         chat = uses_template(tokenizer, p.model.chat_template, p.model.name_or_path or "model.tiny")
     except RenderError as err:
         raise BadInput(str(err)) from None
+    ctx.first_step()
     metrics: dict = {"chat_template": chat}
     for role, rows in roles.items():
         table, counts = render(role, rows, tokenizer, chat, p.data)

@@ -82,6 +82,7 @@ def run(ctx: StageContext[DPOParams]) -> dict:
     gen = torch.Generator().manual_seed(p.seed)
     trained = {"model": Trained(engine, scheduler, lambda m, d: save_checkpoint(m, tokenizer, d))}
     start_step = resumer.restore(trained, gen)
+    ctx.first_step()
     started, sums, last = time.time(), [0.0, 0.0, 0.0], {}
     for step in range(start_step, cfg.steps):
         batch = torch.randint(len(train_pairs), (cfg.batch_size,), generator=gen)

@@ -36,6 +36,7 @@ def run(ctx: StageContext[EvaluateParams]) -> dict:
                        batch_size=p.evaluate.batch_size, adapter_dirs=tuple(map(str, checkpoint.adapter_dirs)))
     tokenizer = policy.tokenizer
     prompt_ids = [r["prompt_ids"] for r in mine]  # rendered by data_prep, as generate's are
+    ctx.first_step()
     samples = policy.generate(Request(prompt_ids, n=1, temperature=1.0, top_p=1.0, greedy=True,
                                       max_new_tokens=p.evaluate.max_new_tokens, seed=0))
     responses = [g[0] for g in samples]

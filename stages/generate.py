@@ -106,6 +106,7 @@ def run(ctx: StageContext[GenerateParams]) -> dict:
         if shard.lockstep:  # the ranks run each request together: rank 0 (which writes) decides
             skip = ctx.all_gather(skip)[0]
 
+        ctx.first_step()
         elapsed, new_tokens, n_rows, n_tokens, n_stop = 0.0, 0, 0, 0, 0
         for c, (chunk, part) in enumerate(zip(chunks, parts)):
             if not skip[c]:

@@ -76,6 +76,7 @@ def run(ctx: StageContext[RewardModelParams]) -> dict:
     gen = torch.Generator().manual_seed(p.seed)
     trained = {"model": Trained(engine, scheduler, save_model)}
     start_step = resumer.restore(trained, gen)
+    ctx.first_step()
     started, loss_sum, acc_sum, last = time.time(), 0.0, 0.0, (float("nan"), float("nan"))
     for step in range(start_step, cfg.steps):
         batch = torch.randint(len(train_pairs), (cfg.batch_size,), generator=gen).tolist()

@@ -82,6 +82,7 @@ def run(ctx: StageContext[ScoreParams]) -> dict:
     tokenizer = load_tokenizer(reference.dir, trust)
     ref_model = load_policy(reference, trust).to(ctx.device).eval()
     reward_model = load_reward(fetch_checkpoint(ctx, "reward_model"), ctx.workdir, trust).to(ctx.device).eval()
+    ctx.first_step()
     ref_lps, rm_scores = score_rows(rows, ref_model, reward_model, tokenizer.pad_token_id, p.rl.temperature, ctx.device)
     with_values = "value" in ctx.spec.inputs  # PPO: the flow passes the value model of the round
     if with_values:

@@ -80,6 +80,7 @@ def run(ctx: StageContext[SFTParams]) -> dict:
     gen = torch.Generator().manual_seed(p.seed)
     trained = {"model": Trained(engine, scheduler, save_model)}
     start_step = resumer.restore(trained, gen)
+    ctx.first_step()
     tokens_seen, loss_sum, started, last_loss = 0, 0.0, time.time(), float("nan")
     for step in range(start_step, cfg.steps):
         batch = torch.randint(len(table), (cfg.batch_size,), generator=gen).tolist()

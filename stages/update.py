@@ -191,6 +191,7 @@ def run(ctx: StageContext[UpdateParams]) -> dict:
     # was before the order of the epoch in progress was drawn, so a resumed job redraws that order.
     gen = torch.Generator().manual_seed(p.seed * 7919 + p.round)
     step = resumer.restore(trained, gen)  # optimizer steps done, counted over all epochs
+    ctx.first_step()
     stats_log, first, tokens, started = [], {}, 0, time.time()
     for epoch in range(step // n_minibatches if n_minibatches else 0, rl.epochs if n_minibatches else 0):
         epoch_gen = torch.Generator().set_state(gen.get_state())

@@ -79,6 +79,9 @@ class LaunchConfig(Strict):
     # (production images for generation and training often differ).
     python: str | None = None
     stage_python: dict[str, str] = {}
+    # Local jobs on this interpreter are forked from a warm job server that has imported torch,
+    # transformers and DeepSpeed once (tasks/warm_jobs.py); false: each job is a cold torchrun.
+    warm_start: bool = True
     slurm: SlurmConfig = SlurmConfig()
     # Per stage: the keys given replace launch.slurm's (generation and training want other shapes).
     slurm_per_stage: dict[StageName, dict[str, Any]] = {}

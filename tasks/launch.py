@@ -18,11 +18,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable, Protocol
 
 import psutil
 
-from stages.common.runtime import BAD_INPUT_MARKER
+from stages.common.runtime import BAD_INPUT_MARKER, LAUNCHED_AT_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,17 +95,37 @@ def kill_tree(pid: int, grace_s: float = 5.0, first_signal: int = signal.SIGTERM
             return
 
 
-def run_job(cmd: list[str], *, timeout_s: float, log_line: Callable[[str], None],
-            env: dict[str, str] | None = None, tail_lines: int = 80,
-            on_start: Callable[[psutil.Process], None] = lambda proc: None) -> None:
-    """Run `cmd` to completion or raise StageJobError / StageBadInput / StageTimeout.
+def start_cold(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`cmd` as a new process in a session of its own, its output on a pipe.
 
     The job gets SIGTERM if this process dies (setpriv's parent-death signal): a SIGKILLed flow
     process leaves no job behind that writes on to the store (torchrun stops its workers on SIGTERM).
     """
-    proc = subprocess.Popen(["setpriv", "--pdeathsig", "TERM", "--", *cmd], stdout=subprocess.PIPE,
+    return subprocess.Popen(["setpriv", "--pdeathsig", "TERM", "--", *cmd], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                             env=env or job_env(), cwd=PROJECT_ROOT, text=True, errors="replace", bufsize=1)
+
+
+class Job(Protocol):
+    """What run_job needs of a started job: subprocess.Popen, or tasks.warm_jobs.WarmJob."""
+
+    pid: int
+    stdout: IO[str]
+
+    def wait(self) -> int: ...
+
+
+def run_job(cmd: list[str], *, timeout_s: float, log_line: Callable[[str], None],
+            env: dict[str, str] | None = None, tail_lines: int = 80,
+            on_start: Callable[[psutil.Process], None] = lambda proc: None,
+            start: Callable[[dict[str, str]], Job] | None = None) -> None:
+    """Run `cmd` to completion or raise StageJobError / StageBadInput / StageTimeout.
+
+    `start(env)` starts the job another way than `start_cold(cmd, env)` (forked by the warm job server);
+    `cmd` then only names it in messages.
+    """
+    env = dict(env or job_env(), **{LAUNCHED_AT_ENV: repr(time.time())})
+    proc = start(env) if start else start_cold(cmd, env)
     with contextlib.suppress(psutil.NoSuchProcess):
         on_start(psutil.Process(proc.pid))
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)

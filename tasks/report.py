@@ -86,12 +86,10 @@ def loss_curves(tracking: mlf.Tracking, stages: dict[str, StageResult]) -> dict[
 
 def _figure(panels: list[tuple[str, str, list[tuple[str, tuple[list, list]]]]], path: Path) -> None:
     """One row of panels (title, x label, [(legend, (x, y))]) saved as a PNG."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.3 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, xlabel, lines) in zip(axes[0], panels):
         for legend, (x, y) in lines:
             ax.plot(x, y, "o-" if len(x) < 30 else "-", label=legend)
@@ -100,7 +98,6 @@ def _figure(panels: list[tuple[str, str, list[tuple[str, tuple[list, list]]]]], 
             ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def publish(tracking: mlf.Tracking, stages: dict[str, StageResult], summary: dict) -> str:

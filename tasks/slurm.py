@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from stages.common.runtime import BAD_INPUT_MARKER
+from stages.common.runtime import BAD_INPUT_MARKER, LAUNCHED_AT_ENV
 from tasks.config import PipelineConfig, SlurmConfig
 from tasks.launch import PROJECT_ROOT, StageBadInput, StageJobError, StageTimeout
 
@@ -188,6 +188,7 @@ def run_slurm_job(program: list[str], *, job_name: str, shape: SlurmConfig, npro
     # The job inherits this environment (sbatch's --export=ALL); a worker that itself runs inside
     # an allocation must not hand that allocation's SLURM_* variables to the new job.
     sbatch_env = {k: v for k, v in env.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+    sbatch_env[LAUNCHED_AT_ENV] = repr(time.time())  # start-up is measured from the submission
     submitted = slurm_command(["sbatch", "--parsable", str(script)], env=sbatch_env, cwd=PROJECT_ROOT)
     if submitted.returncode != 0:
         raise StageJobError(f"sbatch {script} failed: {submitted.stderr.strip()}", submitted.returncode,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 
 from prefect import get_run_logger, task
 from prefect.context import get_run_context
@@ -22,10 +24,11 @@ from prefect.tasks import exponential_backoff
 
 from stages.common import store
 from stages.common.runtime import summary_metrics
-from tasks import lease, slurm
+from tasks import lease, slurm, warm_jobs
 from tasks import tracking as mlf
 from tasks.config import PipelineConfig
-from tasks.launch import StageBadInput, job_env, run_job, stop_orphan, torchrun_command
+from tasks.launch import (PROJECT_ROOT, Job, StageBadInput, job_env, run_job, start_cold, stop_orphan,
+                          torchrun_command)
 from tasks.spec import stage_spec
 
 
@@ -96,20 +99,58 @@ def run_stage(stage: str, cfg: PipelineConfig, inputs: dict[str, StageResult], t
         cmd = torchrun_command(stage, spec_uri, cfg.launch.nproc_per_node, python)
         logger.info("%s: launching %s", run_name, " ".join(cmd))
         try:
-            env = job_env(cfg.launch.nproc_per_node,
-                          {"ALIGNFLOW_STORAGE_OPTIONS": json.dumps(opts)}, python=python)  # endpoint, never keys
+            env = stage_job_env(cfg, python)
             if cfg.launch.backend == "slurm":  # a job elsewhere: a later attempt waits for it by its name
                 slurm.run_stage_job(stage, spec_uri, cfg, key=key, log_line=logger.info, env=env,
                                     output_ready=lambda: find_valid_output(output, opts) is not None)
             else:
                 run_job(cmd, timeout_s=cfg.launch.timeout_s, log_line=logger.info, env=env,
-                        on_start=writer.set_job)
+                        on_start=writer.set_job, start=warm_start(cfg, stage, spec_uri, python, logger))
             artifact = store.read_artifact(output, opts)
         except BaseException:
             mlf.end_run(tracking, run_id, "FAILED")
             raise
         mlf.end_run(tracking, run_id, "FINISHED")
         return StageResult(artifact, launched=True)
+
+
+def stage_job_env(cfg: PipelineConfig, python: str | None) -> dict[str, str]:
+    opts = cfg.storage_options()
+    return job_env(cfg.launch.nproc_per_node, {"ALIGNFLOW_STORAGE_OPTIONS": json.dumps(opts)},  # endpoint, never keys
+                   python=python)
+
+
+def prestart_job_server(cfg: PipelineConfig) -> bool:
+    """Start the warm job server in the background now if this run will launch jobs from its first
+    stage on (data_prep has no valid output), so that its imports overlap what the caller does next.
+    A rerun with data_prep in the store starts it at its first launched job instead (or never)."""
+    python = cfg.launch.stage_python.get("data_prep", cfg.launch.python)
+    if cfg.launch.backend != "local" or not cfg.launch.warm_start or (
+            python and os.path.realpath(python) != os.path.realpath(sys.executable)):
+        return False
+    spec = stage_spec("data_prep", cfg, {}, None)
+    if find_valid_output(spec.output, spec.storage_options) is not None:
+        return False
+    warm_jobs.start_server(sys.executable, stage_job_env(cfg, python), PROJECT_ROOT)
+    return True
+
+
+def warm_start(cfg: PipelineConfig, stage: str, spec_uri: str, python: str | None, logger):
+    """How to start a local job forked from the warm job server, or None to start it cold: the server
+    runs this interpreter only (a stage on its own interpreter, vLLM's say, starts cold), and a server
+    that cannot start falls back to a cold start, with a warning."""
+    if not cfg.launch.warm_start or (python and os.path.realpath(python) != os.path.realpath(sys.executable)):
+        return None
+
+    def start(env: dict[str, str]) -> Job:
+        try:
+            return warm_jobs.start_job(f"stages.{stage}", ["--spec", spec_uri], cfg.launch.nproc_per_node,
+                                       sys.executable, env, PROJECT_ROOT)
+        except (RuntimeError, OSError) as err:
+            logger.warning("%s: the warm job server is not available, starting the job cold: %s", stage, err)
+            return start_cold(torchrun_command(stage, spec_uri, cfg.launch.nproc_per_node, python), env)
+
+    return start
 
 
 def _hold_lease(output: str, opts: dict, ttl_s: float, run_name: str,

@@ -76,6 +76,14 @@ class StageContext(Generic[P]):
         self._metric_buffer: list[tuple[str, float, int]] = []
         self._mlflow: Any = None  # MlflowClient, made on the first flush
         self.device = self._init_distributed()
+        self.ready_at = time.time()
+        self.first_step_at: float | None = None
+
+    def first_step(self) -> None:
+        """The stage's compute begins (its first training step, its first batch to generate or score):
+        what start-up costs is measured up to here (`startup_metrics`)."""
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
 
     # --- distributed -------------------------------------------------------------------
     def _init_distributed(self):
@@ -207,6 +215,23 @@ def summary_metrics(metrics: dict) -> dict[str, float]:
     return {f"summary/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+# Set by tasks/launch.run_job when it starts the job (time.time()): start-up is measured from there.
+LAUNCHED_AT_ENV = "ALIGNFLOW_LAUNCHED_AT"
+
+
+def startup_metrics(ctx: StageContext, main_at: float) -> dict[str, float]:
+    """Launch to the first step, by phase: `process` (launcher, interpreter, the stage's imports; the
+    warm job server saves most of it), `setup` (spec, process group), `load` (inputs, tokenizer,
+    models, engine)."""
+    if ctx.first_step_at is None:
+        return {}
+    phases = {"startup_setup_s": ctx.ready_at - main_at, "startup_load_s": ctx.first_step_at - ctx.ready_at}
+    launched = os.environ.get(LAUNCHED_AT_ENV)
+    if launched:
+        phases |= {"startup_process_s": main_at - float(launched), "startup_s": ctx.first_step_at - float(launched)}
+    return {k: round(v, 3) for k, v in phases.items()}
+
+
 def log(msg: str) -> None:
     rank = os.environ.get("RANK", "0")
     stamp = dt.datetime.now().strftime("%H:%M:%S")
@@ -240,6 +265,7 @@ def _exit_on_sigterm(signum, frame):
 
 def main(run: Callable[[StageContext[P]], dict], params_model: type[P]) -> None:
     """Entry point of every stage module: `main(run, XParams)` under `if __name__ == "__main__"`."""
+    main_at = time.time()
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True, help="URI of the stage spec JSON")
     args = parser.parse_args()
@@ -259,6 +285,7 @@ def main(run: Callable[[StageContext[P]], dict], params_model: type[P]) -> None:
         started = time.time()
         metrics = run(ctx)
         metrics["stage_seconds"] = round(time.time() - started, 3)
+        metrics |= startup_metrics(ctx, main_at)
         ctx.commit(metrics)
         if ctx.is_main:
             log(f"{spec.stage} done: {json.dumps(metrics, default=str)[:500]}")
@@ -271,7 +298,10 @@ def main(run: Callable[[StageContext[P]], dict], params_model: type[P]) -> None:
         sys.exit(1)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    # Done and committed: skip the interpreter's slow teardown of torch/transformers/gloo.
+    # Done and committed: skip the interpreter's slow teardown of torch/transformers/gloo. A rank forked
+    # by the warm job server returns instead: its launcher collects the return, then the fork's own
+    # exit skips the teardown as well.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(EXIT_OK)
+    if not os.environ.get("ALIGNFLOW_FORKED_RANK"):
+        os._exit(EXIT_OK)

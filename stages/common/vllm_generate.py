@@ -93,7 +93,9 @@ class VLLMInProcess(Backend):
             started = time.perf_counter()
             self.llm = LLM(model=self.model_dir, tokenizer=self.model_dir, seed=r.seed, trust_remote_code=False,
                            dtype="bfloat16" if self.device == "cuda" else "float32", tensor_parallel_size=tp,
-                           enforce_eager=True,
+                           # CUDA graphs on GPU (captured once per engine, then each decode step is a
+                           # replay); the CPU build runs eager.
+                           enforce_eager=self.device != "cuda",
                            # Logprobs after temperature and top-p: the distribution the token was sampled
                            # from (vLLM's default is log_softmax(logits) before temperature).
                            logprobs_mode="processed_logprobs",
