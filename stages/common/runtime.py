@@ -239,13 +239,14 @@ def log(msg: str) -> None:
 
 
 def _maybe_inject_fault(spec: StageSpec) -> None:
+    """Rank 0 fails the job once while the marker exists, removing it first: had another rank raised
+    as well, the launcher could stop rank 0 before the removal, and every retry would fail again."""
     marker = spec.debug.get("fail_once_marker")
-    if not marker:
+    if not marker or int(os.environ.get("RANK", 0)) != 0:
         return
     fs, path = store.filesystem(marker, spec.storage_options)
     if fs.exists(path):
-        if int(os.environ.get("RANK", 0)) == 0:
-            fs.rm(path)
+        fs.rm(path)
         raise RuntimeError(f"injected fault (marker {marker})")
 
 
