@@ -179,6 +179,35 @@ def store_download(job: JobResult, relpath: str, dest: Path) -> Path:
     return store.download(job.artifact, relpath, dest)
 
 
+def run_worker(script: Path, mode: str, args: dict, profile_to: Path | None = None) -> dict:
+    """`python SCRIPT --_worker MODE --_args JSON` (a peer's side of a comparison, in its own process:
+    its threads, imports and memory; `worker_main` there) with args["threads"] OpenMP threads, under
+    py-spy when `profile_to`. Returns its JSON line, with process_wall_s."""
+    cmd = [sys.executable, str(script), "--_worker", mode, "--_args", json.dumps(args)]
+    if profile_to:
+        cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-o", str(profile_to), "--format", "raw",
+               "-r", "100", "--"] + cmd
+    env = dict(os.environ, OMP_NUM_THREADS=str(args["threads"]), MKL_NUM_THREADS=str(args["threads"]),
+               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
+               PYTHONWARNINGS="ignore::FutureWarning,ignore::UserWarning", DISABLE_MLFLOW_INTEGRATION="TRUE")
+    started = time.perf_counter()
+    out = run_subprocess_json(cmd, env=env)
+    out["process_wall_s"] = time.perf_counter() - started
+    return out
+
+
+def worker_main(workers: dict) -> None:
+    """The child's side of `run_worker`: runs workers[MODE](args), prints its result as the last line."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--_worker", required=True, choices=sorted(workers))
+    parser.add_argument("--_args", required=True)
+    args = parser.parse_args()
+    print(json.dumps(workers[args._worker](json.loads(args._args))), flush=True)
+    os._exit(0)  # skip the slow interpreter teardown (torch, datasets)
+
+
 def run_subprocess_json(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
     """Run a helper that prints one JSON line last; returns it."""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)

@@ -79,7 +79,8 @@ def sample_rows(backend: Backend, tokenizer, prompts: list[dict], p: GeneratePar
     try:
         groups = backend.generate(Request(prompt_ids, n=p.rl.samples_per_prompt, temperature=p.rl.temperature,
                                           top_p=p.rl.top_p, max_new_tokens=p.rl.max_new_tokens, seed=seed,
-                                          stop_token_ids=[tokenizer.eos_token_id]))
+                                          stop_token_ids=[tokenizer.eos_token_id],
+                                          min_new_tokens=p.rl.min_new_tokens))
     except BadRequest as err:
         raise BadInput(f"generate: {err}") from None
     return [{"prompt_id": r["prompt_id"], "sample_idx": j, "prompt": r["prompt"], "response": s.text,

@@ -28,7 +28,9 @@ from stages.common.params import ScoreParams
 from stages.common.runtime import BadInput, StageContext, log
 from stages.common.verifier import VERIFIERS
 
-BATCH = 256
+# Rows per forward pass. Each row's results are the same at any size (checked bit for bit); at 25M
+# parameters and 72 tokens, 64 rows keep the activations in cache and run ~20% faster than 256.
+BATCH = 64
 
 
 @torch.no_grad()

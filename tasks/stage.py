@@ -120,13 +120,18 @@ def stage_job_env(cfg: PipelineConfig, python: str | None) -> dict[str, str]:
                    python=python)
 
 
+def runs_warm(cfg: PipelineConfig, python: str | None) -> bool:
+    """Whether a local job on `python` forks from the warm job server: the server runs this
+    interpreter only (a stage on its own interpreter, vLLM's say, starts cold)."""
+    return cfg.launch.warm_start and (not python or os.path.realpath(python) == os.path.realpath(sys.executable))
+
+
 def prestart_job_server(cfg: PipelineConfig) -> bool:
     """Start the warm job server in the background now if this run will launch jobs from its first
     stage on (data_prep has no valid output), so that its imports overlap what the caller does next.
     A rerun with data_prep in the store starts it at its first launched job instead (or never)."""
     python = cfg.launch.stage_python.get("data_prep", cfg.launch.python)
-    if cfg.launch.backend != "local" or not cfg.launch.warm_start or (
-            python and os.path.realpath(python) != os.path.realpath(sys.executable)):
+    if cfg.launch.backend != "local" or not runs_warm(cfg, python):
         return False
     spec = stage_spec("data_prep", cfg, {}, None)
     if find_valid_output(spec.output, spec.storage_options) is not None:
@@ -136,10 +141,9 @@ def prestart_job_server(cfg: PipelineConfig) -> bool:
 
 
 def warm_start(cfg: PipelineConfig, stage: str, spec_uri: str, python: str | None, logger):
-    """How to start a local job forked from the warm job server, or None to start it cold: the server
-    runs this interpreter only (a stage on its own interpreter, vLLM's say, starts cold), and a server
-    that cannot start falls back to a cold start, with a warning."""
-    if not cfg.launch.warm_start or (python and os.path.realpath(python) != os.path.realpath(sys.executable)):
+    """How to start a local job forked from the warm job server, or None to start it cold (see
+    runs_warm); a server that cannot start falls back to a cold start, with a warning."""
+    if not runs_warm(cfg, python):
         return None
 
     def start(env: dict[str, str]) -> Job:

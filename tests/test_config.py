@@ -77,13 +77,43 @@ def test_stage_params_hold_only_what_the_stage_reads(tmp_path):
     cfg = parse_config(small_config(tmp_path))
     generate = stage_params("generate", cfg, 0)
     assert set(generate.rl.model_fields) == {"prompts_per_round", "samples_per_prompt", "temperature", "top_p",
-                                             "max_new_tokens"}
+                                             "max_new_tokens", "min_new_tokens"}
     assert generate.rl.temperature == cfg.rl.temperature and generate.round == 0
     # A key that one stage does not read leaves that stage's key alone, and changes the stage that reads it.
     lr = parse_config(small_config(tmp_path, **{"rl.lr": 0.5}))
     assert stage_params("generate", lr, 0) == generate
     assert stage_params("update", lr, 0) != stage_params("update", cfg, 0)
     assert stage_params("update", lr, 0).rl.lr == 0.5
+
+
+def test_min_new_tokens_unset_keeps_the_generate_key_and_is_checked(tmp_path):
+    """rl.min_new_tokens came after generate keys were in use: unset, generate's params (the key's input,
+    tasks/spec.py) are what they were before the field existed, and an old spec reads back to the same;
+    set, it is in the params, so in the key, and the job reads it back. Out of range: an error naming it."""
+    from stages.common.params import GenerateParams
+    from tasks.spec import compute_key, stage_params
+
+    # generate's params of small_config before rl.min_new_tokens existed
+    before = {"seed": 0, "round": 0, "model": {"trust_remote_code": False},
+              "rl": {"temperature": 1.0, "samples_per_prompt": 4, "max_new_tokens": 5, "prompts_per_round": 16,
+                     "top_p": 1.0},
+              "generate": {"backend": "auto", "batch_size": 512, "tensor_parallel_size": 1, "chunk_prompts": 64}}
+    unset = stage_params("generate", parse_config(small_config(tmp_path)), 0).model_dump(mode="json")
+    assert unset == before
+    assert GenerateParams.model_validate(before).model_dump(mode="json") == before
+    assert stage_params("generate", parse_config(small_config(tmp_path, **{"rl.min_new_tokens": 0})), 0) \
+        .model_dump(mode="json") == before  # the default written out is the default
+
+    dump = stage_params("generate", parse_config(small_config(tmp_path, **{"rl.min_new_tokens": 4})), 0) \
+        .model_dump(mode="json")
+    assert dump["rl"]["min_new_tokens"] == 4
+    assert compute_key("generate", dump, {}, "code") != compute_key("generate", before, {}, "code")
+    assert GenerateParams.model_validate(dump).rl.min_new_tokens == 4
+
+    for bad in (6, -1):
+        with pytest.raises(ConfigError, match=rf"rl\.min_new_tokens \({bad}\) must be between 0 and "
+                                              r"rl\.max_new_tokens \(5\)"):
+            parse_config(small_config(tmp_path, **{"rl.min_new_tokens": bad}))
 
 
 def test_digest_ignores_where_not_what(tmp_path):

@@ -173,3 +173,29 @@ def test_lora_policy_generates_through_vllms_lora_request(tmp_path):
     assert backend.lora_dir == str(adapter_dirs[-1]) and backend.max_lora_rank == 8
     got = [s[0].token_ids for s in backend.generate(request)]
     assert got == expected and got != base
+
+
+def test_min_new_tokens_reaches_vllms_min_tokens(tmp_path):
+    """Request.min_new_tokens becomes vLLM's SamplingParams(min_tokens=...): an untrained tiny model, which
+    stops early on its own (transformers, same request but the minimum), gives every sample at least that
+    many tokens, and still stops after it."""
+    from stages.common.generation import HFBackend, Request
+    from stages.common.models import build_tiny_model, encode_prompts, save_checkpoint, train_char_tokenizer
+    from stages.common.sections import TinyModelConfig
+    from stages.common.vllm_generate import VLLMSubprocess
+
+    tokenizer = train_char_tokenizer(["0123456789+="])
+    # head_dim 32: vLLM's CPU attention has no kernel for 16
+    tiny = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=32)
+    save_checkpoint(build_tiny_model(tiny, tokenizer, seed=0), tokenizer, tmp_path / "model")
+    prompts = encode_prompts(tokenizer, ["7+5=", "12+34=", "3+88=", "90+9="])
+
+    def request(min_new_tokens: int) -> Request:
+        return Request(prompts, n=8, temperature=1.0, top_p=1.0, max_new_tokens=16, seed=0,
+                       stop_token_ids=[tokenizer.eos_token_id], min_new_tokens=min_new_tokens)
+
+    free = [s for group in HFBackend(str(tmp_path / "model")).generate(request(0)) for s in group]
+    assert min(len(s.token_ids) for s in free) < 10
+    held = [s for group in VLLMSubprocess(model_dir=str(tmp_path / "model")).generate(request(10)) for s in group]
+    assert len(held) == 32 and min(len(s.token_ids) for s in held) >= 10
+    assert any(s.finish_reason == "stop" for s in held)

@@ -51,7 +51,9 @@ def make_engine(model, engine_cfg: EngineConfig, *, lr: float, micro_batch: int,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": engine_cfg.gradient_clipping,
-        "zero_optimization": {"stage": engine_cfg.zero_stage},
+        # contiguous_gradients copies each gradient into one buffer against GPU memory fragmentation;
+        # on CPU it is only a copy, ~5% of a step at 1M parameters.
+        "zero_optimization": {"stage": engine_cfg.zero_stage, "contiguous_gradients": device.type == "cuda"},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

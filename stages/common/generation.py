@@ -2,7 +2,8 @@
 `Request` and returns n `Sample`s per prompt. `hf`: transformers `generate` (KV cache, batched),
 below; `vllm`: stages/common/vllm_generate.py. The logprobs are those of the processed distribution
 (logits / temperature, top-p), which the trainer recomputes, so the first policy-gradient ratio is
-1. The vLLM environment imports this module too: only the standard library and torch at the top.
+1 (not where `min_new_tokens` masks the stop tokens: the trainer does not mask them). The vLLM
+environment imports this module too: only the standard library and torch at the top.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ class Request:
     seed: int
     stop_token_ids: list[int] = field(default_factory=list)  # end a sample, as the model's EOS does
     greedy: bool = False  # argmax decoding (temperature and top_p unused): n copies of one sample
+    min_new_tokens: int = 0  # the stop tokens (EOS included) are masked until a sample has this many
 
     def __post_init__(self):  # the one check, in the caller and again in the vLLM child
-        if not (self.n >= 1 and self.max_new_tokens >= 1 and 0 < self.top_p <= 1
-                and (self.greedy or self.temperature > 0) and all(self.prompt_token_ids)):
-            raise BadRequest(f"invalid generation request: n={self.n}, max_new_tokens={self.max_new_tokens}, top_p="
-                             f"{self.top_p}, temperature={self.temperature}, greedy={self.greedy}, or an empty prompt")
+        if not (self.n >= 1 and self.max_new_tokens >= 1 and 0 <= self.min_new_tokens <= self.max_new_tokens
+                and 0 < self.top_p <= 1 and (self.greedy or self.temperature > 0) and all(self.prompt_token_ids)):
+            raise BadRequest(f"invalid generation request: n={self.n}, max_new_tokens={self.max_new_tokens}, "
+                             f"min_new_tokens={self.min_new_tokens}, top_p={self.top_p}, temperature="
+                             f"{self.temperature}, greedy={self.greedy}, or an empty prompt")
 
 
 @dataclass
@@ -118,7 +121,8 @@ class HFBackend(Backend):
         stops = list(dict.fromkeys([tok.eos_token_id, *r.stop_token_ids]))
         # top_k=0: HF samples from the top 50 by default, which is not the distribution we score.
         sampling = {} if r.greedy else {"temperature": r.temperature, "top_p": r.top_p, "top_k": 0}
-        gen_cfg = GenerationConfig(do_sample=not r.greedy, max_new_tokens=r.max_new_tokens, eos_token_id=stops,
+        gen_cfg = GenerationConfig(do_sample=not r.greedy, max_new_tokens=r.max_new_tokens,
+                                   min_new_tokens=r.min_new_tokens or None, eos_token_id=stops,
                                    pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True,
                                    **sampling)
         torch.manual_seed(r.seed)

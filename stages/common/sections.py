@@ -8,9 +8,9 @@ generate, score and update read).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 
 class Strict(BaseModel):
@@ -154,6 +154,29 @@ class RolloutConfig(Sampling):
 
     prompts_per_round: int = Field(256, ge=1)
     top_p: float = Field(1.0, gt=0, le=1)
+    # No stop token before this many new tokens (benchmarks: a fixed response length). The recorded
+    # logprobs are of what was sampled from, the stop tokens masked, which the trainer does not mask:
+    # where a stop was likely, the first ratio is below 1.
+    min_new_tokens: int = 0
+
+    # Keys added after stage keys were in use: left out of the dump at their default, so a config that
+    # does not set them keeps its stage keys (tasks/spec.py hashes the dump); the job reads the default back.
+    _KEY_NEUTRAL_DEFAULTS: ClassVar[dict[str, object]] = {"min_new_tokens": 0}
+
+    @model_serializer(mode="wrap")
+    def _drop_key_neutral_defaults(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        for key, default in self._KEY_NEUTRAL_DEFAULTS.items():
+            if key in data and data[key] == default:
+                del data[key]
+        return data
+
+    @model_validator(mode="after")
+    def _min_new_tokens_fits(self):
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"rl.min_new_tokens ({self.min_new_tokens}) must be between 0 and rl.max_new_tokens "
+                             f"({self.max_new_tokens})")
+        return self
 
 
 class ScoringConfig(Temperature):

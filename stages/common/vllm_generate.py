@@ -105,7 +105,8 @@ class VLLMInProcess(Backend):
             self.engine_start_s = time.perf_counter() - started
         n_engine = 1 if r.greedy else r.n  # vLLM refuses n > 1 greedy: one sample, repeated
         params = [SamplingParams(n=n_engine, temperature=0.0 if r.greedy else r.temperature, top_p=r.top_p,
-                                 max_tokens=r.max_new_tokens, seed=_prompt_seed(r.seed, i),
+                                 max_tokens=r.max_new_tokens, min_tokens=r.min_new_tokens,
+                                 seed=_prompt_seed(r.seed, i),
                                  stop_token_ids=list(r.stop_token_ids) or None, logprobs=0)  # the sampled token's
                   for i in range(len(r.prompt_token_ids))]
         lora = None
