@@ -179,6 +179,23 @@ def store_download(job: JobResult, relpath: str, dest: Path) -> Path:
     return store.download(job.artifact, relpath, dest)
 
 
+def train_clock():
+    """A transformers TrainerCallback class whose `begin` and `end` are the perf_counter times at which
+    train() begins and ends: the peers' loop time, without their set-up and saving."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        begin = end = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            Clock.begin = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            Clock.end = time.perf_counter()
+
+    return Clock
+
+
 def run_worker(script: Path, mode: str, args: dict, profile_to: Path | None = None) -> dict:
     """`python SCRIPT --_worker MODE --_args JSON` (a peer's side of a comparison, in its own process:
     its threads, imports and memory; `worker_main` there) with args["threads"] OpenMP threads, under

@@ -72,7 +72,6 @@ def trl_grpo_worker(a: dict) -> dict:
     import pyarrow.parquet as pq
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from stages.common.verifier import VERIFIERS
@@ -96,14 +95,7 @@ def trl_grpo_worker(a: dict) -> dict:
             Timed.completion_tokens += int(out["completion_mask"].sum())
             return out
 
-    class Clock(TrainerCallback):
-        begin = end = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            Clock.begin = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kw):
-            Clock.end = time.perf_counter()
+    Clock = C.train_clock()
 
     n_samples = a["prompts"] * a["samples"]
     steps = a["epochs"] * n_samples // a["minibatch"]

@@ -87,7 +87,6 @@ def trl_sft_worker(a: dict) -> dict:
     import pyarrow.parquet as pq
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from stages.common.engine import linear_warmup
@@ -109,14 +108,7 @@ def trl_sft_worker(a: dict) -> dict:
         "completion_mask": [[0] * len(prompts[i]) + [1] * len(responses[i]) for i in order],
     })
 
-    class Clock(TrainerCallback):
-        begin = end = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            Clock.begin = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kw):
-            Clock.end = time.perf_counter()
+    Clock = C.train_clock()
 
     # Our optimizer and schedule, not TRL's defaults: AdamW(0.9, 0.95) and stages/common/engine.py's
     # linear_warmup (warmup, then linear decay to 10%; TRL's "linear" starts at lr 0 and decays to 0).

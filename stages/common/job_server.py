@@ -81,6 +81,9 @@ def rank_main(module: str, args: list[str]) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     os.environ["ALIGNFLOW_FORKED_RANK"] = "1"  # runtime.main returns instead of os._exit (see there)
     sys.argv = [module, *args]
+    # run_module executes the module afresh as __main__ either way; the copy that preload imported
+    # would only make it warn ("found in sys.modules ... unpredictable behaviour") in every job's log.
+    sys.modules.pop(module, None)
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
