@@ -196,14 +196,20 @@ def train_clock():
     return Clock
 
 
+def py_spy_command(out: Path, subprocesses: bool = False) -> list[str]:
+    """The prefix that runs a command under py-spy (from this environment), sampling at 100 Hz into
+    `out` in its raw format (see train_vs_trl.summarize_profile); `subprocesses` follows its children."""
+    return ([str(Path(sys.executable).parent / "py-spy"), "record", "-o", str(out), "--format", "raw", "-r", "100"]
+            + ["--subprocesses"] * subprocesses + ["--"])
+
+
 def run_worker(script: Path, mode: str, args: dict, profile_to: Path | None = None) -> dict:
     """`python SCRIPT --_worker MODE --_args JSON` (a peer's side of a comparison, in its own process:
     its threads, imports and memory; `worker_main` there) with args["threads"] OpenMP threads, under
     py-spy when `profile_to`. Returns its JSON line, with process_wall_s."""
     cmd = [sys.executable, str(script), "--_worker", mode, "--_args", json.dumps(args)]
     if profile_to:
-        cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-o", str(profile_to), "--format", "raw",
-               "-r", "100", "--"] + cmd
+        cmd = py_spy_command(profile_to) + cmd
     env = dict(os.environ, OMP_NUM_THREADS=str(args["threads"]), MKL_NUM_THREADS=str(args["threads"]),
                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
                PYTHONWARNINGS="ignore::FutureWarning,ignore::UserWarning", DISABLE_MLFLOW_INTEGRATION="TRUE")

@@ -56,7 +56,6 @@ bench/results/train_vs_trl-<time>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -218,11 +217,6 @@ def our_curve(log: list[str]) -> dict[int, float]:
     return curve
 
 
-def py_spy_wrap(path: Path) -> list[str]:
-    return [str(Path(sys.executable).parent / "py-spy"), "record", "-o", str(path), "--format", "raw", "-r", "100",
-            "--subprocesses", "--"]
-
-
 def summarize_profile(path: Path, top: int = 25) -> list[tuple[str, float]]:
     """Share of samples in which each function appears (inclusive), from py-spy's raw format."""
     counts: dict[str, int] = {}
@@ -240,6 +234,8 @@ def summarize_profile(path: Path, top: int = 25) -> list[tuple[str, float]]:
 
 
 def main() -> None:
+    if "--_worker" in sys.argv:  # a peer's side, in its own process (run_worker)
+        C.worker_main({"trl_sft": trl_sft_worker, "heldout": heldout_worker})
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="smoke-test sizes")
     parser.add_argument("--layouts", default=None,
@@ -257,14 +253,7 @@ def main() -> None:
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="TRL's own default (recomputes activations: ~20%% more compute); off by default, as ours")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--_args", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args._worker:
-        out = {"trl_sft": trl_sft_worker, "heldout": heldout_worker}[args._worker](json.loads(args._args))
-        print(json.dumps(out), flush=True)
-        sys.stdout.flush()
-        os._exit(0)  # skip the slow interpreter teardown (torch, datasets)
 
     try:
         import pyarrow.parquet as pq
@@ -314,7 +303,7 @@ def main() -> None:
         ranks, threads = map(int, lay.split("x"))
         profile = args.profile and i == 0
         if not args.skip_sft or any(s.own_policy is None for s in settings.values()):
-            wrap = py_spy_wrap(C.RESULTS / "pyspy-sft-ours.txt") if profile and not args.skip_sft else None
+            wrap = C.py_spy_command(C.RESULTS / "pyspy-sft-ours.txt", subprocesses=True) if profile and not args.skip_sft else None
             job = C.run_stage_job("sft", layout_cfg[lay], {"data": data}, nproc=ranks, threads=threads, wrap=wrap)
             sft_jobs[lay] = job
             m = job.metrics
