@@ -167,6 +167,11 @@ def run_stage_job(stage: str, cfg, inputs: dict[str, "JobResult"], *, round_idx:
     return JobResult(store.read_artifact(output), wall, log)
 
 
+def engine_name(ranks: int, zero_stage: int) -> str:
+    """What a training job of `ranks` trains with (stages/common/engine.py: make_engine)."""
+    return "plain torch" if ranks == 1 else f"DeepSpeed ZeRO-{zero_stage}"
+
+
 def fetch_checkpoint(job: JobResult, dest: Path, prefix: str = "checkpoint") -> Path:
     from stages.common import store
 

@@ -7,7 +7,8 @@
 Model FLOP/s of training = 6 x params x tokens/s (forward 2N + backward 4N per token; the
 attention-score term 12 x layers x hidden x seq_len per token is shown apart: ~1% here at
 11-token sequences). tokens/s and params come from the `sft` job's manifest (the stage run
-for real: spec -> torchrun -> DeepSpeed ZeRO from the config, fp32 on CPU).
+for real: spec -> torchrun -> DeepSpeed ZeRO from the config over several ranks, plain torch in
+one process, fp32 on CPU).
 
 Peak: torch.mm in fp32 on the same thread count (square matrices up to `--peak-size`, best of
 several runs; the larger of T threads in one process and T x the one-thread figure), plus the matmuls of this model's own shapes (a micro-batch of tokens x hidden
@@ -143,7 +144,8 @@ def main() -> None:
         flops = 6 * m["num_params"] * m["tokens_per_s"]
         attn = 12 * n_layers * h * seq * m["tokens_per_s"]
         model_shape_peak = min(shapes[lay].values())
-        rows.append({"trainer": f"sft stage job ({ranks}x{threads}, DeepSpeed ZeRO-{cfg.engine.zero_stage} fp32)",
+        engine = C.engine_name(ranks, cfg.engine.zero_stage)
+        rows.append({"trainer": f"sft stage job ({ranks}x{threads}, {engine} fp32)",
                      "params": m["num_params"], "tokens/s": m["tokens_per_s"], "GFLOP/s (6N)": flops / 1e9,
                      "GFLOP/s (+attn)": (flops + attn) / 1e9, "MFU vs mm peak": f"{flops / peak:.2%}",
                      "MFU vs model-shape mm": f"{flops / model_shape_peak:.1%}", "job_wall_s": job.wall_s,

@@ -10,7 +10,8 @@ Two comparisons, each at every layout of `--layouts` (RANKSxTHREADS; the total t
 is the same for both sides, TRL always runs 1 process with all of them):
 
 SFT    our `sft` stage as a real job (spec -> `torchrun -m stages.sft` through
-       tasks.launch.run_job, DeepSpeed ZeRO from the config, fp32) against TRL's SFTTrainer
+       tasks.launch.run_job; DeepSpeed ZeRO from the config over several ranks, plain torch in one
+       process, fp32) against TRL's SFTTrainer
        (plain torch on CPU) on the tiny Llama (build_tiny_model, the data_prep tokenizer), the
        same sft.parquet from our data_prep job, pre-tokenized the same way (BOS + prompt +
        response + EOS, loss on the response + EOS; the script checks that TRL's first collated
@@ -308,7 +309,7 @@ def main() -> None:
             sft_jobs[lay] = job
             m = job.metrics
             sft_rows.append({"side": f"alignflow sft ({ranks} rank{'s' * (ranks > 1)} x {threads} thr, "
-                                     f"ZeRO-{c['engine']['zero_stage']})",
+                                     f"{C.engine_name(ranks, c['engine']['zero_stage'])})",
                              "steps": size["sft_steps"], "batch": size["sft_batch"],
                              "tokens": round(m["tokens_per_s"] * m["train_seconds"]),
                              "train_s": m["train_seconds"], "tokens/s": m["tokens_per_s"],

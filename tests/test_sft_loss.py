@@ -1,7 +1,7 @@
 """The sft stage trains exactly the plain-PyTorch recipe: loss on the response tokens + EOS only
 (token mean), AdamW(0.9, 0.95), clipping at 1.0, warmup then linear decay to 10%, the seeded
-batch draw, and
-ZeRO-2 over 2 ranks changing nothing but float rounding.
+batch draw, and ZeRO-2 over 2 ranks changing nothing but float rounding; one process trains the
+same recipe in plain torch (stages/common/engine.py: TorchEngine).
 
 Issue 18: our SFT ended at 3x TRL's final loss. The cause was not the stage: its steps equal this
 reference to float rounding. This test guards that: a wrong set of trained tokens (prompt, BOS,
@@ -10,6 +10,7 @@ the weights far past the tolerance.
 """
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -39,15 +40,16 @@ def response_loss(model, prompts: list[list[int]], responses: list[list[int]], p
     return torch.stack(terms).mean()
 
 
-def test_sft_job_trains_the_plain_torch_recipe(tmp_path):
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_sft_job_trains_the_plain_torch_recipe(tmp_path, nproc):
     cfg = parse_config(small_config(tmp_path, **{"sft.steps": STEPS, "sft.log_every": LOG_EVERY,
                                                  "sft.warmup_steps": 3, "sft.save_every": 5}))
-    assert cfg.engine.zero_stage == 2 and cfg.launch.nproc_per_node == 2
-    env, logs = job_env(2), []
-    run_job(torchrun_command("data_prep", write_spec(cfg, "data_prep", "d", {}), 2), timeout_s=300,
+    assert cfg.engine.zero_stage == 2
+    env, logs = job_env(nproc), []
+    run_job(torchrun_command("data_prep", write_spec(cfg, "data_prep", "d", {}), nproc), timeout_s=300,
             log_line=logs.append, env=env)
     data = store.read_artifact(store.join(cfg.storage_root(), cfg.pipeline, "data_prep", "d"))
-    run_job(torchrun_command("sft", write_spec(cfg, "sft", "s", {"data": data.uri}), 2), timeout_s=300,
+    run_job(torchrun_command("sft", write_spec(cfg, "sft", "s", {"data": data.uri}), nproc), timeout_s=300,
             log_line=logs.append, env=env)
     sft = store.read_artifact(store.join(cfg.storage_root(), cfg.pipeline, "sft", "s"))
 

@@ -121,10 +121,14 @@ class HFBackend(Backend):
         stops = list(dict.fromkeys([tok.eos_token_id, *r.stop_token_ids]))
         # top_k=0: HF samples from the top 50 by default, which is not the distribution we score.
         sampling = {} if r.greedy else {"temperature": r.temperature, "top_p": r.top_p, "top_k": 0}
+        # On CPU a static KV cache: the default one concatenates every layer's keys and values anew at
+        # each token (25M params, 256 x 64 new tokens: 22.6 s -> 17.4 s). On GPU transformers would
+        # compile the model for a static cache; vLLM is the GPU path anyway.
+        cache = {"cache_implementation": "static"} if model.device.type == "cpu" else {}
         gen_cfg = GenerationConfig(do_sample=not r.greedy, max_new_tokens=r.max_new_tokens,
                                    min_new_tokens=r.min_new_tokens or None, eos_token_id=stops,
                                    pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True,
-                                   **sampling)
+                                   **cache, **sampling)
         torch.manual_seed(r.seed)
         flat = [p for p in r.prompt_token_ids for _ in range(r.n)]  # n consecutive samples per prompt
         samples: list[Sample] = []

@@ -102,16 +102,16 @@ def pack_right(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     response_mask[i, t] is 1 where token t is a response token, i.e. where the model's
     prediction from position t-1 is trained/scored.
     """
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    width = max(lengths)
-    n = len(prompts)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    response_mask = torch.zeros((n, width), dtype=torch.float32)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attention[i, : len(p) + len(r)] = 1
-        response_mask[i, len(p) : len(p) + len(r)] = 1
+    rows = [p + r for p, r in zip(prompts, responses)]
+    width = max(len(row) for row in rows)
+    # One tensor from padded lists and the masks from the lengths: a per-row loop of tensor writes
+    # cost ~1 ms per 64 rows, ~1.5% of a tiny SFT step.
+    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+    position = torch.arange(width)
+    ends = torch.tensor([len(row) for row in rows]).unsqueeze(1)
+    starts = torch.tensor([len(p) for p in prompts]).unsqueeze(1)
+    attention = (position < ends).long()
+    response_mask = ((position >= starts) & (position < ends)).float()
     return input_ids, attention, response_mask
 
 

@@ -36,7 +36,7 @@ GENERATOR_KEY = "__generator__"
 
 
 class Trained(NamedTuple):
-    """One model a stage trains: its DeepSpeed engine, LR scheduler, and how to save its weights
+    """One model a stage trains: its engine (make_engine), LR scheduler, and how to save its weights
     (`save_model(module, directory)`, in a form the stage can load back before wrapping it)."""
 
     engine: Any
