@@ -81,7 +81,8 @@ class ModelConfig(AdapterOptions):
 
 
 class EngineConfig(Strict):
-    """DeepSpeed: ZeRO stage and precision for every training stage."""
+    """DeepSpeed: ZeRO stage and precision for every training stage. A job of one process trains in
+    plain torch (stages/common/engine.py): the same recipe, no ZeRO stage, bf16 as autocast."""
 
     zero_stage: int = Field(2, ge=0, le=3)
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
