@@ -70,7 +70,7 @@ def probe() -> None:
     from stages.common.sections import EngineConfig
 
     make_engine(model, EngineConfig(zero_stage=2, dtype="fp32"), lr=1e-3, micro_batch=32)
-    marks.append(("deepspeed.initialize (ZeRO-2)", time.time()))
+    marks.append((f"make_engine ({C.engine_name(world, 2)})", time.time()))
     if os.environ.get("RANK", "0") == "0":
         Path(os.environ["BENCH_PROBE_OUT"]).write_text(json.dumps({"t0": t0, "marks": marks}))
     sys.stdout.flush()

@@ -44,7 +44,7 @@ def response_loss(model, prompts: list[list[int]], responses: list[list[int]], p
 def test_sft_job_trains_the_plain_torch_recipe(tmp_path, nproc):
     cfg = parse_config(small_config(tmp_path, **{"sft.steps": STEPS, "sft.log_every": LOG_EVERY,
                                                  "sft.warmup_steps": 3, "sft.save_every": 5}))
-    assert cfg.engine.zero_stage == 2
+    assert cfg.engine.zero_stage == 2 and cfg.launch.nproc_per_node == 2
     env, logs = job_env(nproc), []
     run_job(torchrun_command("data_prep", write_spec(cfg, "data_prep", "d", {}), nproc), timeout_s=300,
             log_line=logs.append, env=env)
